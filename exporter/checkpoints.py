@@ -1,0 +1,375 @@
+"""Loading the checkpoints users have into a reference head.
+
+Three sources, one result (a `LoadedModel`):
+- a Hugging Face model directory: config.json + model.safetensors (or sharded safetensors with their
+  index, or pytorch_model.bin, read without running pickled code);
+- NVIDIA's Megatron checkpoint as released on NGC: the .zip with release/mp_rank_00/model_optim_rng.pt,
+  or that .pt itself; its names are mapped onto Hugging Face's by the tables below;
+- a seeded random initialization of any config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pickle
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from runtime.errors import UserError
+
+from .config import MegatronBertConfig
+from .model import HeadModel, build_head, init_weights
+
+StateDict = dict[str, Tensor]
+
+
+class CheckpointError(UserError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    source: str
+    kind: str  # "huggingface", "megatron" or "random"
+    sha256: str  # of the checkpoint's files, or of the recipe for random weights
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not used by this head
+    randomly_initialized: list[str] = field(default_factory=list)  # head weights the checkpoint lacked
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadedModel:
+    model: HeadModel
+    config: MegatronBertConfig
+    report: LoadReport
+
+
+# ---- Hugging Face directories ------------------------------------------------------------------
+
+def read_hf_weights(directory: Path) -> tuple[StateDict, list[Path]]:
+    """All tensors of a HF model directory, and the files they came from."""
+    index = next((directory / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (directory / n).exists()), None)
+    if index is not None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index}: not a valid shard index ({err})") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [f for f in (directory / "model.safetensors", directory / "pytorch_model.bin") if f.exists()][:1]
+    if not files:
+        raise CheckpointError(f"{directory}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+    state: StateDict = {}
+    for file in files:
+        state.update(read_tensor_file(file))
+    return state, files
+
+
+def read_tensor_file(file: Path) -> StateDict:
+    if not file.exists():
+        raise CheckpointError(f"{file}: file is missing")
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
+    state = load_pickle(file)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return state
+
+
+class _Opaque:
+    """Stands in for a Megatron-LM class pickled into a checkpoint (its args); we never need its value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def load_pickle(file: Path) -> Any:
+    """torch.load with weights_only (no pickled code runs), letting through Megatron-LM's pickled args.
+
+    Megatron checkpoints pickle an argparse.Namespace and sometimes Megatron-LM's own classes (enums in
+    the args); those are replaced by inert placeholders so that Megatron-LM need not be installed.
+    """
+    allowed: list[Any] = [argparse.Namespace]
+    for _ in range(64):  # one retry per distinct Megatron class
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            match = _UNSUPPORTED_GLOBAL.search(str(err))
+            if not match or not match.group(1).startswith("megatron."):
+                raise CheckpointError(f"{file}: refusing to load, it needs code to unpickle "
+                                      f"({match.group(1) if match else str(err).splitlines()[0]})") from None
+            name = match.group(1)
+            allowed.append((type(name.rsplit(".", 1)[1], (_Opaque,), {}), name))
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{file}: corrupt or truncated checkpoint ({str(err).splitlines()[0]})") from None
+    raise CheckpointError(f"{file}: too many unknown classes pickled in it")
+
+
+# ---- NVIDIA Megatron (NGC) checkpoints ---------------------------------------------------------
+
+# Megatron name prefix -> Hugging Face name prefix. Megatron-LM called the encoder "transformer" in
+# older releases and "encoder" later.
+MEGATRON_PREFIXES = [
+    ("language_model.embedding.word_embeddings.", "bert.embeddings.word_embeddings."),
+    ("language_model.embedding.position_embeddings.", "bert.embeddings.position_embeddings."),
+    ("language_model.embedding.tokentype_embeddings.", "bert.embeddings.token_type_embeddings."),
+    ("language_model.transformer.final_layernorm.", "bert.encoder.ln."),
+    ("language_model.encoder.final_layernorm.", "bert.encoder.ln."),
+    ("language_model.transformer.layers.", "bert.encoder.layer."),
+    ("language_model.encoder.layers.", "bert.encoder.layer."),
+    ("language_model.pooler.dense.", "bert.pooler.dense."),
+    ("lm_head.dense.", "cls.predictions.transform.dense."),
+    ("lm_head.layernorm.", "cls.predictions.transform.LayerNorm."),
+    ("lm_head.bias", "cls.predictions.bias"),
+    ("binary_head.", "cls.seq_relationship."),
+]
+
+# Inside one layer: Megatron sub-module -> Hugging Face sub-module.
+MEGATRON_LAYER = {
+    "input_layernorm": "attention.ln",
+    "attention.dense": "attention.output.dense",
+    "self_attention.dense": "attention.output.dense",
+    "post_attention_layernorm": "ln",
+    "mlp.dense_h_to_4h": "intermediate.dense",
+    "mlp.dense_4h_to_h": "output.dense",
+}
+
+# Megatron-args field -> config field, for checkpoints that store their args.
+MEGATRON_ARGS = {
+    "padded_vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "max_position_embeddings": "max_position_embeddings",
+    "ffn_hidden_size": "intermediate_size",
+}
+
+_QKV = re.compile(r"^(bert\.encoder\.layer\.\d+)\.(?:self_)?attention\.query_key_value\.(weight|bias)$")
+
+
+def split_qkv(fused: Tensor, num_heads: int, version: float) -> list[Tensor]:
+    """Megatron's fused query_key_value rows -> [query, key, value].
+
+    Row order by checkpoint_version: 0 is [3, heads, head_size]; 1.x is [heads, head_size, 3];
+    2.0 and later is [heads, 3, head_size]. All are brought to [3, heads, head_size] and split.
+    """
+    rest = fused.shape[1:]
+    head_size = fused.shape[0] // (3 * num_heads)
+    if version == 0:
+        rows = fused.view(3, num_heads, head_size, *rest)
+    elif version < 2.0:
+        rows = fused.view(num_heads, head_size, 3, *rest).movedim(2, 0)
+    else:
+        rows = fused.view(num_heads, 3, head_size, *rest).movedim(1, 0)
+    return list(rows.reshape(3, num_heads * head_size, *rest))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> StateDict:
+    flat: StateDict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, Tensor):
+            flat[prefix + key] = value
+    return flat
+
+
+def rename_megatron(name: str) -> str | None:
+    for old, new in MEGATRON_PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    else:
+        return None
+    layer = re.match(r"^(bert\.encoder\.layer\.\d+)\.(.+)\.(weight|bias)$", name)
+    if layer and layer.group(2) in MEGATRON_LAYER:
+        return f"{layer.group(1)}.{MEGATRON_LAYER[layer.group(2)]}.{layer.group(3)}"
+    return name
+
+
+def megatron_config(tensors: StateDict, args: Any) -> tuple[MegatronBertConfig, list[str]]:
+    """The config stored in the checkpoint's args; what is absent is read off the tensor shapes."""
+    notes = []
+    words = tensors["language_model.embedding.word_embeddings.weight"]
+    values: dict[str, Any] = {
+        "vocab_size": words.shape[0], "hidden_size": words.shape[1],
+        "max_position_embeddings": tensors["language_model.embedding.position_embeddings.weight"].shape[0],
+        "num_hidden_layers": len({k.split(".")[3] for k in tensors if ".layers." in k}),
+    }
+    if "language_model.embedding.tokentype_embeddings.weight" in tensors:
+        values["type_vocab_size"] = tensors["language_model.embedding.tokentype_embeddings.weight"].shape[0]
+    h_to_4h = next((v for k, v in tensors.items() if k.endswith("0.mlp.dense_h_to_4h.weight")), None)
+    if h_to_4h is not None:
+        values["intermediate_size"] = h_to_4h.shape[0]
+    for arg, name in MEGATRON_ARGS.items():
+        if getattr(args, arg, None) is not None:
+            values[name] = getattr(args, arg)
+    if "num_attention_heads" not in values:
+        values["num_attention_heads"] = max(1, values["hidden_size"] // 64)
+        notes.append(f"checkpoint has no args: assumed {values['num_attention_heads']} attention heads "
+                     "(head size 64); pass a config.json to say otherwise")
+    return MegatronBertConfig(**values), notes
+
+
+def read_megatron(file: Path, config: MegatronBertConfig | None) -> tuple[StateDict, MegatronBertConfig, list[str]]:
+    if file.suffix == ".zip":
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    members = [m for m in archive.namelist() if m.endswith("model_optim_rng.pt")]
+                    if not members:
+                        raise CheckpointError(f"{file}: no .../mp_rank_00/model_optim_rng.pt in this zip")
+                    if len(members) > 1 and not any("mp_rank_00/" in m for m in members):
+                        raise CheckpointError(f"{file}: model-parallel checkpoints are not supported "
+                                              f"({len(members)} ranks); merge them to one rank first")
+                    member = next((m for m in members if "mp_rank_00/" in m), members[0])
+                    checkpoint = load_pickle(Path(archive.extract(member, tmp)))
+            except (zipfile.BadZipFile, EOFError) as err:
+                raise CheckpointError(f"{file}: corrupt or truncated zip ({err})") from None
+    else:
+        checkpoint = load_pickle(file)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
+        raise CheckpointError(f"{file}: not a Megatron checkpoint (no 'model' dict)")
+    tensors = flatten(checkpoint.get("model", checkpoint))
+    if "language_model.embedding.word_embeddings.weight" not in tensors:
+        raise CheckpointError(f"{file}: not a Megatron BERT checkpoint (no language_model.embedding)")
+    notes: list[str] = []
+    if config is None:
+        config, notes = megatron_config(tensors, checkpoint.get("args"))
+    version = float(checkpoint.get("checkpoint_version", 0) or 0)
+
+    state: StateDict = {}
+    for name, tensor in tensors.items():
+        new = rename_megatron(name)
+        if new is None:
+            state[name] = tensor  # reported as unused
+            continue
+        fused = _QKV.match(new.replace(".self_attention.", ".attention."))
+        if fused:
+            prefix, kind = fused.groups()
+            for part, piece in zip(("query", "key", "value"), split_qkv(tensor, config.num_attention_heads, version)):
+                state[f"{prefix}.attention.self.{part}.{kind}"] = piece
+        else:
+            state[new] = tensor
+    # Megatron pads the embedding table (and so the LM bias) to a multiple of its parallel size.
+    for name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias"):
+        if name in state and state[name].shape[0] > config.vocab_size:
+            notes.append(f"{name}: padded vocabulary of {state[name].shape[0]} cut to {config.vocab_size}")
+            state[name] = state[name][: config.vocab_size]
+    return state, config, notes
+
+
+# ---- putting weights into a head ---------------------------------------------------------------
+
+def normalize_names(state: StateDict) -> StateDict:
+    """A checkpoint of the bare MegatronBertModel has no `bert.` prefix. HF's LM head adds
+    `decoder.bias`, which is what its forward uses (the same tensor as `cls.predictions.bias` unless
+    the checkpoint unties embeddings), so it is the LM bias when present."""
+    if not any(k.startswith("bert.") for k in state) and any(k.startswith("embeddings.") for k in state):
+        state = {(k if k.startswith(("cls.", "qa_outputs.", "classifier.")) else f"bert.{k}"): v
+                 for k, v in state.items()}
+    state = dict(state)
+    if "cls.predictions.decoder.bias" in state:
+        state["cls.predictions.bias"] = state.pop("cls.predictions.decoder.bias")
+    return state
+
+
+def is_head_weight(name: str) -> bool:
+    """What a task head adds on top of the encoder; a checkpoint may lack these and still be usable."""
+    return not name.startswith(("bert.embeddings.", "bert.encoder."))
+
+
+def fill_head(model: HeadModel, state: StateDict, source: str, allow_random_head: bool
+              ) -> tuple[list[str], list[str]]:
+    """Copy `state` into `model`; returns (unused names, randomly initialized names)."""
+    expected = model.state_dict()
+    tied = model.bert.config.tie_word_embeddings and "cls.predictions.decoder.weight" in expected
+    if tied:
+        expected.pop("cls.predictions.decoder.weight")
+        state.pop("cls.predictions.decoder.weight", None)
+    unused = sorted(k for k in state if k not in expected)
+    missing = sorted(k for k in expected if k not in state)
+    for name in missing:
+        if not is_head_weight(name):
+            raise CheckpointError(f"{source}: encoder weight {name} is missing from the checkpoint")
+    if missing and not allow_random_head:
+        raise CheckpointError(f"{source}: the checkpoint has no weights for this head ({', '.join(missing)}); "
+                              "allow random head initialization to fine-tune or test it anyway")
+    for name, tensor in expected.items():
+        if name in state and state[name].shape != tensor.shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                                  f"the config expects {tuple(tensor.shape)}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if tied:
+        model.tie_weights()
+    return unused, missing
+
+
+def files_sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load(head: str, source: str | Path, *, config: MegatronBertConfig | None = None,
+         allow_random_head: bool = False, seed: int = 0) -> LoadedModel:
+    """Build `head` with the weights at `source` (a HF directory, a Megatron .zip or .pt)."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint (a Hugging Face model directory, "
+                              "or a Megatron .zip / model_optim_rng.pt)")
+    notes: list[str] = []
+    if path.is_dir():
+        kind = "huggingface"
+        if config is None:
+            if not (path / "config.json").exists():
+                raise CheckpointError(f"{path}: no config.json in this model directory")
+            config = MegatronBertConfig.from_json_file(path / "config.json")
+        state, files = read_hf_weights(path)
+    elif path.suffix in (".zip", ".pt"):
+        kind, files = "megatron", [path]
+        state, config, notes = read_megatron(path, config)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint format (expected a Hugging Face model directory, "
+                              "a Megatron .zip or a .pt)")
+    model = build_head(head, config)
+    init_weights(model, config.initializer_range, seed)  # only what the checkpoint lacks keeps these
+    unused, missing = fill_head(model, normalize_names(state), str(path), allow_random_head)
+    report = LoadReport(str(path), kind, files_sha256(files), unused, missing, notes)
+    return LoadedModel(model, model.bert.config, report)
+
+
+def random_model(head: str, config: MegatronBertConfig, seed: int = 0) -> LoadedModel:
+    """A head with seeded random weights (the same seed and config give the same weights)."""
+    model = build_head(head, config)
+    init_weights(model, config.initializer_range, seed)
+    recipe = json.dumps({"config": config.to_hf_dict(), "seed": seed}, sort_keys=True)
+    report = LoadReport(f"random(seed={seed})", "random", hashlib.sha256(recipe.encode()).hexdigest())
+    return LoadedModel(model, model.bert.config, report)

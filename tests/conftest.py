@@ -1,0 +1,103 @@
+"""Shared test material: small configs, padded batches, and transformers' MegatronBert* as the oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+HEADS = ["base", "mlm", "causal-lm", "nsp", "pretraining", "sequence-classification",
+         "multiple-choice", "token-classification", "qa"]
+
+HF_CLASSES = {
+    "base": "MegatronBertModel",
+    "mlm": "MegatronBertForMaskedLM",
+    "causal-lm": "MegatronBertForCausalLM",
+    "nsp": "MegatronBertForNextSentencePrediction",
+    "pretraining": "MegatronBertForPreTraining",
+    "sequence-classification": "MegatronBertForSequenceClassification",
+    "multiple-choice": "MegatronBertForMultipleChoice",
+    "token-classification": "MegatronBertForTokenClassification",
+    "qa": "MegatronBertForQuestionAnswering",
+}
+
+# Two HF config dicts: a plain tiny one, and one with odd sizes and another activation.
+CONFIGS = {
+    "tiny": dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64),
+    "odd": dict(vocab_size=1003, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                intermediate_size=100, max_position_embeddings=80, num_labels=5, hidden_act="gelu_new",
+                layer_norm_eps=1e-5),
+}
+
+
+def hf_config(name: str, head: str, **overrides):
+    transformers = pytest.importorskip("transformers")
+    values = {**CONFIGS[name], **overrides}
+    if head == "qa":
+        values["num_labels"] = 2  # HF's QA head splits exactly two logits
+    if head == "causal-lm":
+        values["is_decoder"] = True
+    return transformers.MegatronBertConfig(**values)
+
+
+def hf_model(head: str, config, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = getattr(transformers, HF_CLASSES[head])(config).eval()
+    with torch.no_grad():  # HF zero-inits biases and LayerNorm shifts; randomize them so they are tested
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "ln" in name or "LayerNorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def save_hf(head: str, directory: Path, config_name: str = "tiny", seed: int = 0, **overrides):
+    """A HF checkpoint directory written by transformers itself; returns the transformers model."""
+    model = hf_model(head, hf_config(config_name, head, **overrides), seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def padded_batch(vocab_size: int, batch: int = 2, length: int = 11, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A batch whose second row is right-padded, with two segments (token types 0 and 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab_size, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, length // 2:] = 1
+    for row in range(1, batch):
+        attention_mask[row, length - 3 - row:] = 0
+        input_ids[row, length - 3 - row:] = 0
+        token_type_ids[row, length - 3 - row:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def head_inputs(head: str, batch: dict[str, torch.Tensor], num_choices: int = 3) -> dict[str, torch.Tensor]:
+    """The batch in the form a head takes: choices stacked for multiple-choice, no token types for causal-lm."""
+    if head == "multiple-choice":
+        return {k: torch.stack([v.roll(i, dims=1) for i in range(num_choices)], dim=1) for k, v in batch.items()}
+    if head == "causal-lm":
+        return {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
+
+
+def hf_outputs(head: str, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = model(**inputs)
+    if head == "base":
+        return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+    if head == "pretraining":
+        return {"prediction_logits": out.prediction_logits, "seq_relationship_logits": out.seq_relationship_logits}
+    if head == "qa":
+        return {"start_logits": out.start_logits, "end_logits": out.end_logits}
+    return {"logits": out.logits}
+
+
+def our_outputs(head: str, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        if head == "causal-lm":
+            logits, _ = model(inputs["input_ids"], inputs["attention_mask"])
+            return {"logits": logits}
+        return model(**inputs)

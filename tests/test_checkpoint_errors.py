@@ -1,0 +1,122 @@
+"""Bad checkpoints and configs give one clear line naming the problem, never a bare traceback."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from exporter import checkpoints
+from exporter.config import MegatronBertConfig
+from runtime.errors import UserError
+from tests.conftest import CONFIGS, save_hf
+
+
+def load_error(*args, **kwargs) -> str:
+    with pytest.raises(UserError) as caught:
+        checkpoints.load(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_path(tmp_path):
+    assert "no such checkpoint" in load_error("qa", tmp_path / "nowhere")
+
+
+def test_missing_config_and_weights(tmp_path):
+    save_hf("qa", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    assert "no model.safetensors" in load_error("qa", tmp_path)
+    (tmp_path / "config.json").unlink()
+    assert "no config.json" in load_error("qa", tmp_path)
+
+
+def test_missing_shard(tmp_path):
+    model = save_hf("qa", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    next(tmp_path.glob("model-*.safetensors")).unlink()
+    assert "file is missing" in load_error("qa", tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+    save_hf("qa", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "corrupt or truncated safetensors" in load_error("qa", tmp_path)
+
+
+def test_truncated_pickle_and_zip(tmp_path):
+    model = save_hf("qa", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    assert "corrupt or truncated" in load_error("qa", tmp_path)
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    assert "corrupt or truncated zip" in load_error("qa", tmp_path / "bad.zip")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
+        archive.writestr("readme.txt", "nothing")
+    assert "no .../mp_rank_00/model_optim_rng.pt" in load_error("qa", tmp_path / "empty.zip")
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
+    save_hf("qa", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["bert.encoder.layer.1.intermediate.dense.weight"] = torch.zeros(65, 32)
+    save_file(state, tmp_path / "model.safetensors")
+    message = load_error("qa", tmp_path)
+    assert "bert.encoder.layer.1.intermediate.dense.weight has shape (65, 32), the config expects (64, 32)" in message
+
+
+def test_missing_encoder_weight_is_always_an_error(tmp_path):
+    save_hf("qa", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["bert.encoder.layer.0.ln.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    assert "encoder weight bert.encoder.layer.0.ln.weight is missing" in load_error("qa", tmp_path, allow_random_head=True)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["tiny"]))
+    torch.save({"weights": torch.zeros(2), "payload": zipfile.ZipInfo("x")}, tmp_path / "pytorch_model.bin")
+    assert "refusing to load" in load_error("qa", tmp_path)
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "weights.h5").write_bytes(b"")
+    assert "unknown checkpoint format" in load_error("qa", tmp_path / "weights.h5")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"add_cross_attention": True}, "add_cross_attention"),
+    ({"hidden_size": 30}, "not divisible by num_attention_heads"),
+    ({"hidden_act": "quick_gelu"}, "hidden_act 'quick_gelu' is not supported"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"model_type": "bert"}, "expected 'megatron-bert'"),
+    ({"problem_type": "ranking"}, "problem_type 'ranking'"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+    ({"num_hidden_layers": "3"}, "num_hidden_layers must be a positive integer"),
+])
+def test_unsupported_config_values(change, message, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["tiny"], **change}))
+    with pytest.raises(UserError, match=message):
+        MegatronBertConfig.from_json_file(tmp_path / "config.json")
+
+
+def test_config_reads_every_hf_field(tmp_path):
+    data = {**CONFIGS["odd"], "hidden_act": "silu", "type_vocab_size": 3, "pad_token_id": 1, "is_decoder": True,
+            "tie_word_embeddings": False, "problem_type": "multi_label_classification",
+            "id2label": {"0": "neg", "1": "pos"}, "label2id": {"neg": 0, "pos": 1}, "num_labels": 2,
+            "architectures": ["MegatronBertForSequenceClassification"], "transformers_version": "4.40.0"}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = MegatronBertConfig.from_json_file(tmp_path / "config.json")
+    assert (config.hidden_act, config.type_vocab_size, config.pad_token_id, config.is_decoder,
+            config.tie_word_embeddings, config.problem_type, config.num_labels, config.label2id) == (
+        "silu", 3, 1, True, False, "multi_label_classification", 2, {"neg": 0, "pos": 1})
+    assert MegatronBertConfig.from_hf_dict(config.to_hf_dict()) == config
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a readable JSON file"):
+        MegatronBertConfig.from_json_file(tmp_path / "bad.json")
