@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from runtime.errors import UserError
+from runtime.files import sha256_of
 
 from .config import MegatronBertConfig
 from .model import HeadModel, build_head, init_weights
@@ -329,15 +330,6 @@ def fill_head(model: HeadModel, state: StateDict, source: str, allow_random_head
     return unused, missing
 
 
-def files_sha256(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load(head: str, source: str | Path, *, config: MegatronBertConfig | None = None,
          allow_random_head: bool = False, seed: int = 0) -> LoadedModel:
     """Build `head` with the weights at `source` (a HF directory, a Megatron .zip or .pt)."""
@@ -362,7 +354,7 @@ def load(head: str, source: str | Path, *, config: MegatronBertConfig | None = N
     model = build_head(head, config)
     init_weights(model, config.initializer_range, seed)  # only what the checkpoint lacks keeps these
     unused, missing = fill_head(model, normalize_names(state), str(path), allow_random_head)
-    report = LoadReport(str(path), kind, files_sha256(files), unused, missing, notes)
+    report = LoadReport(str(path), kind, sha256_of(*files), unused, missing, notes)
     return LoadedModel(model, model.bert.config, report)
 
 

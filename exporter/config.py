@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import UserError
+from runtime.files import read_json
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -99,16 +99,7 @@ class MegatronBertConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> MegatronBertConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"config: {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"config: {path} is not a readable JSON file ({err})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config: {path} holds a {type(data).__name__}, not a JSON object")
-        return cls.from_hf_dict(data)
+        return cls.from_hf_dict(read_json(Path(path), "config"))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config as Hugging Face writes it (labels keyed by strings, plus label2id and model_type)."""

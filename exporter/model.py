@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ KVCache = list[tuple[Tensor, Tensor]]
 # (a left-pad position) stays finite instead of NaN, and the value survives conversion to fp16.
 MASK_VALUE = -10000.0
 
-ACTIVATIONS = {  # keyed by config.hidden_act
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {  # keyed by config.hidden_act
     "gelu": F.gelu,  # the exact, erf-based GELU that BERT and Megatron use
     "gelu_new": partial(F.gelu, approximate="tanh"),
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+DEMO_VOCAB = Path(__file__).resolve().parent.parent / "exporter" / "demo" / "vocab.txt"
+
 HEADS = ["base", "mlm", "causal-lm", "nsp", "pretraining", "sequence-classification",
          "multiple-choice", "token-classification", "qa"]
 
@@ -54,9 +56,12 @@ def hf_model(head: str, config, seed: int = 0):
 
 
 def save_hf(head: str, directory: Path, config_name: str = "tiny", seed: int = 0, **overrides):
-    """A HF checkpoint directory written by transformers itself; returns the transformers model."""
+    """A HF checkpoint directory written by transformers itself, with a vocab.txt that fits its
+    vocabulary (the demo's first tokens); returns the transformers model."""
     model = hf_model(head, hf_config(config_name, head, **overrides), seed)
     model.save_pretrained(directory)
+    vocab = DEMO_VOCAB.read_text().splitlines()[:model.config.vocab_size]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return model
 
 
@@ -101,3 +106,39 @@ def our_outputs(head: str, model, inputs: dict[str, torch.Tensor]) -> dict[str, 
             logits, _ = model(inputs["input_ids"], inputs["attention_mask"])
             return {"logits": logits}
         return model(**inputs)
+
+
+# Limits for artifacts of the tiny config (64 positions): room for batch 3 x 37 tokens, 4 choices,
+# and a causal-LM cache of 16.
+def tiny_limits(head: str) -> dict[str, int]:
+    limits = dict(max_batch=4, max_sequence=48)
+    if head == "multiple-choice":
+        limits["max_choices"] = 4
+    if head == "causal-lm":
+        limits["max_past"] = 16
+    return limits
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """Every head of the tiny config exported from a transformers checkpoint: head -> (manifest, HF model)."""
+    from exporter.build import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("built")
+    artifacts = {}
+    for head in HEADS:
+        model = save_hf(head, root / head)
+        manifest = build(BuildOptions(head=head, checkpoint=str(root / head), out=root / "artifacts",
+                                      **tiny_limits(head)), log=lambda message: None)
+        artifacts[head] = (manifest, model)
+    return artifacts
+
+
+def run_onnx(path, feed: dict) -> dict:
+    """Run an ONNX graph on CPU with numpy (or torch) inputs; outputs by name."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()})
+    return dict(zip(names, values))

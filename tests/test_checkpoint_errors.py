@@ -118,5 +118,5 @@ def test_config_reads_every_hf_field(tmp_path):
         "silu", 3, 1, True, False, "multi_label_classification", 2, {"neg": 0, "pos": 1})
     assert MegatronBertConfig.from_hf_dict(config.to_hf_dict()) == config
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a readable JSON file"):
+    with pytest.raises(UserError, match="not a readable config"):
         MegatronBertConfig.from_json_file(tmp_path / "bad.json")

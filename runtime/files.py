@@ -1,0 +1,48 @@
+"""File helpers the exporter and the runtime share: JSON reading with clear errors, atomic writes, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; `what` names the file in errors ("manifest", "config")."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable {what} ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a {what} (holds a JSON {type(data).__name__}, not an object)")
+    return data
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the file is as readable as its neighbours
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def sha256_of(*files: Path) -> str:
+    """One digest over the files' bytes, in order (streamed: model files can be gigabytes)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

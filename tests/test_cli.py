@@ -1,0 +1,131 @@
+"""`python -m exporter`: the README's command, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import save_hf
+from exporter import cli
+from runtime.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--max-batch", "2", "--max-sequence", "16"]  # quick validation for builds that are not the point
+
+
+def exporter(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for word in words:
+        assert word in lines[0]
+
+
+def test_readme_main_command_builds_the_demo_qa_artifact(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    command = next(line.split("&&")[-1].strip() for line in readme.splitlines() if "python -m exporter build" in line)
+    assert command == "python -m exporter build --head qa --precision fp16"
+    result = exporter(*shlex.split(command)[3:], "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "random" in result.stdout and "--checkpoint" in result.stdout  # says the demo weights are meaningless
+    assert "validating" in result.stdout and "start_logits" in result.stdout  # progress and the result table
+    manifest = Manifest.load(tmp_path / "qa.json")
+    assert (manifest.head, manifest.precision, manifest.validation["passed"]) == ("qa", "fp16", True)
+    assert sorted(os.listdir(tmp_path)) == ["qa.json", "qa.onnx", "qa.tokenizer.json"]
+
+
+def test_heads_lists_every_head_with_inputs_and_outputs():
+    result = exporter("heads")
+    assert result.returncode == 0
+    for head in ("base", "mlm", "causal-lm", "nsp", "pretraining", "sequence-classification",
+                 "multiple-choice", "token-classification", "qa"):
+        assert f"\n{head}: " in "\n" + result.stdout
+    assert "past_key_values.{layer}.key[batch,heads,past_sequence,head_size]" in result.stdout
+    assert "start_logits[batch,sequence]" in result.stdout
+
+
+def test_help_names_every_option():
+    result = exporter("build", "--help")
+    for option in ("--head", "--precision", "--checkpoint", "--tokenizer", "--out", "--name", "--recipe",
+                   "--max-batch", "--max-sequence", "--max-choices", "--max-past"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--head", "summarize"], ["invalid choice", "summarize"]),
+    (["--head", "qa", "--checkpoint", "/no/such/checkpoint"], ["/no/such/checkpoint"]),
+    (["--head", "qa", "--max-sequence", "1000"], ["max_position_embeddings", "512"]),
+    (["--head", "qa", "--max-choices", "4"], ["no choices axis"]),
+    (["--head", "qa", "--precision", "int8"], ["not implemented yet"]),
+    (["--head", "qa", "--name", "../elsewhere"], ["plain file name"]),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
+    out = tmp_path / "out"
+    assert_user_error(exporter("build", *args, "--out", str(out)), *words)
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint(tmp_path):
+    save_hf("qa", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "out"
+    assert_user_error(exporter("build", "--head", "qa", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)),
+                      "model.safetensors")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/megatron-artifacts", "{tmp}/a-file/artifacts"])
+def test_unwritable_output_dir(tmp_path, out):
+    (tmp_path / "a-file").write_text("")
+    assert_user_error(exporter("build", "--head", "qa", *SMALL, "--out", out.format(tmp=tmp_path)), "--out")
+    assert os.listdir(tmp_path) == ["a-file"]
+
+
+def test_failed_validation_exits_1_and_keeps_the_previous_artifact(tmp_path, capsys):
+    assert cli.main(["build", "--head", "nsp", *SMALL, "--out", str(tmp_path)]) == 0
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    strict = tmp_path.parent / "strict.toml"
+    strict.write_text("[tolerance.fp32]\nmin_cosine = 1.5  # impossible\n")
+    assert cli.main(["build", "--head", "nsp", *SMALL, "--out", str(tmp_path), "--recipe", str(strict)]) == 1
+    assert "validation failed" in capsys.readouterr().err
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "nsp.failed"])
+    failed = Manifest.load(tmp_path / "nsp.failed" / "nsp.json")
+    assert failed.validation["passed"] is False and failed.validation["tolerance"]["min_cosine"] == 1.5
+
+
+def test_interrupted_build_leaves_the_previous_artifact(tmp_path, monkeypatch, capsys):
+    assert cli.main(["build", "--head", "mlm", *SMALL, "--out", str(tmp_path)]) == 0
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("exporter.build.validate", interrupt)
+    assert cli.main(["build", "--head", "mlm", "--max-sequence", "8", "--out", str(tmp_path)]) == 130
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no staging dir either
+    Manifest.load(tmp_path / "mlm.json").verify_files(tmp_path)
+
+
+def test_flags_override_the_recipe_and_limits_follow_the_model(tmp_path, capsys):
+    save_hf("token-classification", tmp_path / "ckpt")  # 64 positions; the recipe asks for 512
+    assert cli.main(["build", "--head", "token-classification", "--checkpoint", str(tmp_path / "ckpt"),
+                     "--out", str(tmp_path / "out"), "--max-batch", "3", "--name", "tagger"]) == 0
+    assert "lowered" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "tagger.json").read_text())
+    assert manifest["shape_limits"] == {"batch": [1, 3, 3], "sequence": [1, 64, 64]}
+    assert manifest["tokenizer"]["max_length"] == 64
+    assert manifest["graphs"]["model"]["file"] == "tagger.onnx"
+    assert {c["sizes"]["batch"] for c in manifest["validation"]["cases"]} == {1, 3}

@@ -1,0 +1,68 @@
+"""Every head exported to ONNX matches transformers' MegatronBertFor* on the same weights, at shapes
+other than those it was traced and validated at, and its graphs are well-formed with named axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
+from runtime.heads import HEADS as SPECS
+from runtime.manifest import Manifest
+
+
+def graph_path(manifest_path, graph="model"):
+    manifest = Manifest.load(manifest_path)
+    return manifest_path.parent / manifest.graphs[graph]["file"]
+
+
+@pytest.mark.parametrize("head", [h for h in HEADS if h != "causal-lm"])
+def test_onnx_matches_transformers(head, built):
+    manifest_path, hf = built[head]
+    batch = padded_batch(hf.config.vocab_size, batch=3, length=37)
+    for choices in (2, 4) if head == "multiple-choice" else (3,):
+        inputs = head_inputs(head, batch, num_choices=choices)
+        expected = hf_outputs(head, hf, inputs)
+        actual = run_onnx(graph_path(manifest_path), inputs)
+        assert set(actual) == set(expected)
+        for name, value in expected.items():
+            assert actual[name].shape == tuple(value.shape)
+            np.testing.assert_allclose(actual[name], value.numpy(), atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_causal_lm_prefill_matches_transformers(built):
+    manifest_path, hf = built["causal-lm"]
+    ids = padded_batch(hf.config.vocab_size, batch=3, length=37)["input_ids"]
+    positions = torch.arange(37).expand(3, -1)
+    actual = run_onnx(graph_path(manifest_path, "prefill"),
+                      {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions})
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits[:, -1]
+    np.testing.assert_allclose(actual["logits"], expected.numpy(), atol=1e-4, rtol=0)
+    assert actual["present.1.value"].shape == (3, hf.config.num_attention_heads, 37, 8)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_graphs_are_checked_and_axes_named(head, built):
+    manifest_path, _ = built[head]
+    manifest = Manifest.load(manifest_path)
+    assert manifest.validation["passed"] and manifest.validation["cases"]
+    for graph, declared in manifest.graphs.items():
+        path = manifest_path.parent / declared["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+        for tensors, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+            got = [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+            assert got == [(t["name"], t["shape"]) for t in declared[tensors]], (graph, tensors)
+
+
+def test_heads_declare_the_ecosystem_names():
+    names = {h: [t.name for g in s.graphs.values() for t in g.inputs + g.outputs] for h, s in SPECS.items()}
+    assert names["qa"] == ["input_ids", "attention_mask", "token_type_ids", "start_logits", "end_logits"]
+    assert names["base"][-2:] == ["last_hidden_state", "pooler_output"]
+    assert names["pretraining"][-2:] == ["prediction_logits", "seq_relationship_logits"]
+    assert set(SPECS["causal-lm"].graphs) == {"prefill", "decode"}
+    assert "past_key_values.{layer}.key" in names["causal-lm"] and "present.{layer}.value" in names["causal-lm"]
+    assert SPECS["multiple-choice"].graphs["model"].inputs[0].shape == ("batch", "choices", "sequence")

@@ -1,0 +1,89 @@
+"""The manifest: everything the runtime needs to know about an artifact, and nothing it must guess."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from exporter.build import BuildOptions, build
+from runtime.errors import UserError
+from runtime.files import sha256_of
+from runtime.manifest import FORMAT_VERSION, Manifest
+
+
+def test_manifest_records_the_artifact(built):
+    path, hf = built["sequence-classification"]
+    manifest = Manifest.load(path)
+    assert (manifest.format, manifest.name, manifest.head, manifest.precision) == (
+        FORMAT_VERSION, "sequence-classification", "sequence-classification", "fp32")
+    assert manifest.config["hidden_size"] == 32 and manifest.config["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    graph = manifest.graphs["model"]
+    assert graph["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
+    assert graph["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}]
+    assert manifest.shape_limits == {"batch": [1, 4, 4], "sequence": [1, 48, 48]}
+    assert manifest.tokenizer["file"] == "sequence-classification.tokenizer.json"
+    assert manifest.tokenizer["padding_side"] == "right" and manifest.tokenizer["max_length"] == 48
+    assert manifest.tokenizer["special_tokens"]["cls"] == {"token": "[CLS]", "id": 2}
+    assert manifest.validation["passed"] and manifest.validation["tolerance"]["max_abs"] == 1e-4
+    assert {c["case"] for c in manifest.validation["cases"]} == {"min", "opt", "max", "odd"}
+    assert set(manifest.versions) >= {"torch", "onnx", "onnxruntime", "exporter"}
+    assert manifest.source["kind"] == "huggingface"
+    assert manifest.source["sha256"] == sha256_of(path.parent.parent / "sequence-classification" / "model.safetensors")
+    for name, recorded in manifest.files.items():
+        assert recorded == {"bytes": (path.parent / name).stat().st_size, "sha256": sha256_of(path.parent / name)}
+    manifest.verify_files(path.parent)
+
+
+def test_causal_lm_manifest_spells_out_the_cache(built):
+    manifest = Manifest.load(built["causal-lm"][0])
+    decode = manifest.graphs["decode"]
+    names = [t["name"] for t in decode["inputs"]]
+    assert names == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                     "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert decode["inputs"][1]["shape"] == ["batch", "total_sequence"]
+    assert decode["outputs"][1] == {"name": "present.0.key", "dtype": "float32",
+                                    "shape": ["batch", 4, "total_sequence", 8]}
+    assert manifest.tokenizer["padding_side"] == "left"
+    assert manifest.shape_limits["past_sequence"][2] == 16
+
+
+def test_tampered_file_and_newer_format_are_refused(built, tmp_path):
+    path = built["qa"][0]
+    manifest = Manifest.load(path)
+    for name in manifest.files:
+        (tmp_path / name).write_bytes((path.parent / name).read_bytes())
+    manifest.verify_files(tmp_path)
+    (tmp_path / "qa.onnx").write_bytes((tmp_path / "qa.onnx").read_bytes()[:-1] + b"\0")
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        manifest.verify_files(tmp_path)
+
+    newer = json.loads(path.read_text())
+    newer["format"] = FORMAT_VERSION + 1
+    (tmp_path / "qa.json").write_text(json.dumps(newer))
+    with pytest.raises(UserError, match="newer than this runtime reads"):
+        Manifest.load(tmp_path / "qa.json")
+    (tmp_path / "qa.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a readable manifest"):
+        Manifest.load(tmp_path / "qa.json")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_large_models_use_external_data(tmp_path, monkeypatch, precision):
+    """Past 2 GB the weights go to NAME.onnx.data; shrink the threshold to prove it on a small model."""
+    monkeypatch.setattr("exporter.onnx_export.TWO_GB", 0)
+    monkeypatch.setattr("exporter.precision.TWO_GB", 0)
+    path = build(BuildOptions(head="base", precision=precision, out=tmp_path, max_batch=2, max_sequence=16),
+                 log=lambda message: None)
+    manifest = Manifest.load(path)
+    assert set(manifest.files) == {"base.onnx", "base.onnx.data", "base.tokenizer.json"}
+    assert manifest.validation["passed"]
+    graph = onnx.load(str(tmp_path / "base.onnx"), load_external_data=False)
+    large = [t for t in graph.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 4096]
+    assert large and all(t.data_location == onnx.TensorProto.EXTERNAL for t in large)
+    weights = onnx.load(str(tmp_path / "base.onnx")).graph.initializer
+    assert {t.data_type for t in weights if len(t.dims) == 2} == {
+        onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT}
+    assert torch.__version__  # the build ran with the exporter's torch, not a stub
