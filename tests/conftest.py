@@ -142,3 +142,40 @@ def run_onnx(path, feed: dict) -> dict:
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()})
     return dict(zip(names, values))
+
+
+class TorchBackend:
+    """Runs the reference PyTorch head behind a Session, so a helper's logic can be fed the
+    reference outputs instead of ONNX Runtime's."""
+
+    name = "torch-reference"
+
+    def __init__(self, checkpoint, head: str):
+        from exporter.checkpoints import load
+
+        self.model = load(head, checkpoint).model
+
+    def run(self, graph, feed, keep=frozenset()):
+        from exporter.onnx_export import reference_outputs
+
+        with torch.no_grad():
+            outputs = reference_outputs(self.model, {k: torch.from_numpy(v) for k, v in feed.items()})
+        return {k: v.numpy() for k, v in outputs.items()}
+
+
+def assert_same_result(actual, expected, path="result"):
+    """Equal structure, labels, spans and tokens; scores equal to ~1e-4."""
+    import numpy as np
+
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), path
+        for key in expected:
+            assert_same_result(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_result(a, e, f"{path}[{i}]")
+    elif isinstance(expected, (float, np.ndarray)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-5, err_msg=path)
+    else:
+        assert actual == expected, path

@@ -1,0 +1,351 @@
+"""`runtime.Session`: load an artifact, check what it is given, run it, and answer in plain terms.
+
+    s = runtime.Session("artifacts/qa.onnx")      # or the manifest qa.json, or qa.plan
+    s.answer("Who wrote it?", "It was written by Ada.")
+
+The manifest beside the model file says everything: which head, which graphs with which inputs, the
+shape limits, the tokenizer. Files are checked against their recorded hashes on load. Sessions are
+safe to share between threads: nothing in them changes after construction (the windowing tokenizers
+are made once per setting, under a lock).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from . import tasks, tensorrt_backend
+from .backends import Backend, OnnxRuntimeBackend
+from .errors import UserError
+from .generation import Generator, SamplingOptions
+from .heads import DYNAMIC_AXES, HEADS
+from .manifest import Manifest
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+def find_manifest(path: Path) -> Path:
+    """`qa.json` itself, or the manifest beside `qa.onnx`, `qa.plan`, `lm.prefill.onnx` ..."""
+    if path.suffix == ".json":
+        return path
+    if path.suffix not in (".onnx", ".plan"):
+        raise UserError(f"{path}: expected an artifact's manifest (.json) or model file (.onnx, .plan)")
+    stem = path.name[:-len(path.suffix)]
+    for graph in (".prefill", ".decode"):
+        stem = stem.removesuffix(graph)
+    manifest = path.with_name(f"{stem}.json")
+    if not manifest.exists():
+        raise UserError(f"{path}: no manifest {manifest.name} beside it (artifacts are written by "
+                        "`python -m exporter build`)")
+    return manifest
+
+
+class Session:
+    def __init__(self, path: str | Path, backend: str = "auto", providers: list[str] | None = None):
+        path = Path(path)
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        manifest_path = find_manifest(path)
+        self.manifest = Manifest.load(manifest_path)
+        self.directory = manifest_path.parent
+        if self.manifest.head not in HEADS:
+            raise UserError(f"{manifest_path}: unknown head {self.manifest.head!r}; upgrade the runtime package")
+        if not self.manifest.validation.get("passed"):
+            raise UserError(f"{manifest_path}: this artifact failed validation; rebuild it")
+        self.manifest.verify_files(self.directory)
+        self.head = HEADS[self.manifest.head]
+        self._backend = self._open_backend(path, backend, providers)
+        self.backend: str = self._backend.name
+        self.tokenizer = Tokenizer.from_file(str(self.directory / self.manifest.tokenizer["file"]))
+        self.max_length: int = self.manifest.tokenizer["max_length"]
+        self.special = {role: t["id"] for role, t in self.manifest.tokenizer["special_tokens"].items()}
+        self.id2label = {int(i): label for i, label in self.manifest.config["id2label"].items()}
+        self._window_tokenizers: dict[tuple[int, int], Tokenizer] = {}
+        self._lock = threading.Lock()
+
+    def _open_backend(self, path: Path, backend: str, providers: list[str] | None) -> Backend:
+        """TensorRT for engines (a .plan path, backend="tensorrt", or "auto" where TensorRT and a GPU
+        exist and the artifact has engines); otherwise ONNX Runtime with its best provider."""
+        engines = {graph: self.directory / e["file"] for graph, e in self.manifest.engines.items()}
+        wanted = backend == "tensorrt" or (backend == "auto" and path.suffix == ".plan")
+        if wanted or (backend == "auto" and engines and tensorrt_backend.usable() is None):
+            if not engines:
+                raise UserError(f"the {self.manifest.name} artifact has no TensorRT engines (it was built where "
+                                "TensorRT was absent); open its .onnx or use backend='onnxruntime'")
+            reason = tensorrt_backend.usable()
+            if reason:
+                raise UserError(f"cannot run TensorRT engines here: {reason}; use backend='onnxruntime'")
+            return tensorrt_backend.TensorRTBackend(engines, self.manifest.tensorrt)
+        files = {graph: self.directory / g["file"] for graph, g in self.manifest.graphs.items()}
+        return OnnxRuntimeBackend(files, providers)
+
+    def __repr__(self) -> str:
+        return f"Session({self.manifest.name!r}, head={self.head.name!r}, backend={self.backend!r})"
+
+    # ---- raw calls ---------------------------------------------------------------------------
+
+    def run(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> dict[str, np.ndarray]:
+        """Run one graph on named numpy arrays; returns named numpy arrays (see the manifest)."""
+        graph = self._graph(graph)
+        self.check_inputs(inputs, graph)
+        return self._backend.run(graph, inputs)
+
+    def _graph(self, graph: str | None) -> str:
+        graphs = self.manifest.graphs
+        if graph is None:
+            if len(graphs) > 1:
+                raise UserError(f"this artifact has graphs {', '.join(graphs)}: pass graph=...")
+            return next(iter(graphs))
+        if graph not in graphs:
+            raise UserError(f"no graph {graph!r} in this artifact (it has {', '.join(graphs)})")
+        return graph
+
+    def check_inputs(self, inputs: dict[str, Any], graph: str) -> None:
+        declared = {t["name"]: t for t in self.manifest.graphs[graph]["inputs"]}
+        if set(inputs) != set(declared):
+            missing, extra = set(declared) - set(inputs), set(inputs) - set(declared)
+            raise UserError("inputs do not match the artifact's: "
+                            + "; ".join(f"{what} {', '.join(sorted(names))}" for what, names in
+                                        (("missing", missing), ("unexpected", extra)) if names))
+        sizes: dict[str, int] = {}
+        for name, spec in declared.items():
+            value = inputs[name]
+            if not isinstance(value, np.ndarray):
+                raise UserError(f"input {name} must be a numpy array, got {type(value).__name__}")
+            if str(value.dtype) != spec["dtype"]:
+                raise UserError(f"input {name} has dtype {value.dtype}, expected {spec['dtype']}")
+            shape = list(value.shape)
+            if len(shape) != len(spec["shape"]):
+                raise UserError(f"input {name} has shape {shape}, expected [{', '.join(map(str, spec['shape']))}]")
+            for axis, size in zip(spec["shape"], shape):
+                if isinstance(axis, int) and size != axis:
+                    raise UserError(f"input {name} has shape {shape}, expected [{', '.join(map(str, spec['shape']))}]")
+                if isinstance(axis, str) and sizes.setdefault(axis, size) != size:
+                    raise UserError(f"input {name}: axis {axis} is {size} here but {sizes[axis]} in another input")
+        self._check_limits(sizes)
+
+    def _check_limits(self, sizes: dict[str, int]) -> None:
+        limits = dict(self.manifest.shape_limits)
+        if "past_sequence" in limits:
+            limits["total_sequence"] = [a + b for a, b in zip(limits["sequence"], limits["past_sequence"])]
+        for axis in DYNAMIC_AXES:
+            if axis in sizes and axis in limits and not limits[axis][0] <= sizes[axis] <= limits[axis][2]:
+                raise UserError(f"{axis} of {sizes[axis]} is outside this artifact's limits "
+                                f"[{limits[axis][0]}, {limits[axis][2]}]")
+
+    # ---- tokenization ------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, add_special_tokens: bool = True
+               ) -> list[Encoding]:
+        for text in [*texts, *(pairs or [])]:
+            if not isinstance(text, str):
+                raise UserError(f"expected text, got {type(text).__name__}")
+        if any(not t.strip() for t in texts):
+            raise UserError("empty text: give at least one word")
+        items: list[Any] = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encodings = self.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens)
+        for text, encoding in zip(texts, encodings):
+            if len(encoding.ids) > self.max_length:
+                raise UserError(f"a text of {len(encoding.ids)} tokens is longer than this artifact's "
+                                f"{self.max_length} (text starts {text[:40]!r}); shorten it or rebuild with "
+                                "a larger --max-sequence")
+        return encodings
+
+    def batch(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """input_ids, attention_mask and token_type_ids, padded on the artifact's side to the longest
+        encoding (at least the artifact's minimum sequence)."""
+        length = max(max(len(e.ids) for e in encodings), self.manifest.shape_limits["sequence"][0])
+        left = self.manifest.tokenizer["padding_side"] == "left"
+        arrays = {name: np.zeros((len(encodings), length), dtype=np.int64)
+                  for name in ("input_ids", "attention_mask", "token_type_ids")}
+        arrays["input_ids"][:] = self.special.get("pad", 0)
+        for row, e in enumerate(encodings):
+            span = slice(length - len(e.ids), length) if left else slice(0, len(e.ids))
+            arrays["input_ids"][row, span] = e.ids
+            arrays["attention_mask"][row, span] = 1
+            arrays["token_type_ids"][row, span] = e.type_ids
+        return arrays
+
+    def _run_encoder(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the single graph over rows of any number, in chunks of the artifact's max batch."""
+        graph = self._graph(None)
+        names = {t["name"] for t in self.manifest.graphs[graph]["inputs"]}
+        rows = len(arrays["input_ids"])
+        step = self.manifest.shape_limits["batch"][2]
+        chunks = [self.run({k: v[i:i + step] for k, v in arrays.items() if k in names}, graph)
+                  for i in range(0, rows, step)]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _helper(self, name: str) -> None:
+        if name not in self.head.helpers:
+            raise UserError(f"{name}() is not a helper of the {self.head.name} head; "
+                            f"it has: {', '.join(h + '()' for h in self.head.helpers)}")
+
+    # ---- task helpers ------------------------------------------------------------------------
+
+    def classify(self, text: str | list[str], text_pair: str | list[str] | None = None, top_k: int | None = 1
+                 ) -> Any:
+        """Label a text (or text pair): {"label", "score"}, or the top_k of them (None: all labels)."""
+        self._helper("classify")
+        texts, single = _texts(text)
+        pairs = None if text_pair is None else _pairs(texts, text_pair)
+        outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
+        results = tasks.classify(outputs["logits"], self.id2label, self.manifest.config.get("problem_type"), top_k)
+        return results[0] if single else results
+
+    def next_sentence(self, a: str | list[str], b: str | list[str]) -> Any:
+        """Does B follow A: {"is_next", "score"} (score: probability that it does)."""
+        self._helper("next_sentence")
+        texts, single = _texts(a)
+        pairs = _pairs(texts, b)
+        outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
+        results = tasks.next_sentence(outputs["logits" if "logits" in outputs else "seq_relationship_logits"])
+        return results[0] if single else results
+
+    def embed(self, texts: str | list[str], pooling: str = "cls") -> np.ndarray:
+        """Sentence vectors: [hidden] for one text, [n, hidden] for a list."""
+        self._helper("embed")
+        if pooling not in tasks.POOLINGS:
+            raise UserError(f"pooling {pooling!r} is not one of {', '.join(tasks.POOLINGS)}")
+        items, single = _texts(texts)
+        arrays = self.batch(self.encode(items))
+        outputs = self._run_encoder(arrays)
+        vectors = tasks.embed(outputs["last_hidden_state"], outputs["pooler_output"], arrays["attention_mask"],
+                              pooling)
+        return vectors[0] if single else vectors
+
+    def fill_mask(self, text: str | list[str], top_k: int = 5) -> Any:
+        """The top_k fillers of each [MASK]: {"token", "token_str", "score", "sequence"}."""
+        self._helper("fill_mask")
+        items, single = _texts(text)
+        if "mask" not in self.special:
+            raise UserError("this artifact's tokenizer has no [MASK] token")
+        mask_id = self.special["mask"]
+        encodings = self.encode(items)
+        for item, e in zip(items, encodings):
+            if mask_id not in e.ids:
+                raise UserError(f"no [MASK] token in {item[:40]!r}")
+        arrays = self.batch(encodings)
+        outputs = self._run_encoder(arrays)
+        logits = outputs["logits" if "logits" in outputs else "prediction_logits"]
+        results = tasks.fill_mask(logits, arrays["input_ids"], mask_id, self.tokenizer, top_k)
+        return results[0] if single else results
+
+    def choose(self, prompt: str | list[str], choices: list[str] | list[list[str]]) -> Any:
+        """Pick the best continuation: {"choice": index, "text", "scores"}."""
+        self._helper("choose")
+        prompts, single = _texts(prompt)
+        options = [cast(list[str], list(choices))] if single else [list(c) for c in cast(list[list[str]], choices)]
+        if len(options) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(options)} lists of choices")
+        low, _, high = self.manifest.shape_limits["choices"]
+        results = []
+        for p, opts in zip(prompts, options):  # one call per prompt: choice counts may differ
+            if not low <= len(opts) <= high:
+                raise UserError(f"{len(opts)} choices; this artifact takes {low} to {high}")
+            arrays = self.batch(self.encode([p] * len(opts), opts))
+            outputs = self.run({k: v[None] for k, v in arrays.items()})
+            results += tasks.choose(outputs["logits"], [opts])
+        return results[0] if single else results
+
+    def tag(self, text: str | list[str], aggregation: str | None = None) -> Any:
+        """Entities with labels, scores and character offsets (aggregation: none, simple, first, max, average)."""
+        self._helper("tag")
+        aggregation = aggregation or self.manifest.task.get("aggregation", "simple")
+        if aggregation not in tasks.AGGREGATIONS:
+            raise UserError(f"aggregation {aggregation!r} is not one of {', '.join(tasks.AGGREGATIONS)}")
+        items, single = _texts(text)
+        encodings = self.encode(items)
+        outputs = self._run_encoder(self.batch(encodings))
+        results = tasks.tag(outputs["logits"], encodings, items, self.id2label, aggregation)
+        return results[0] if single else results
+
+    def answer(self, question: str | list[str], context: str | list[str], top_k: int = 1,
+               max_answer_len: int | None = None, doc_stride: int | None = None,
+               handle_impossible_answer: bool = False) -> Any:
+        """Answer spans of the context: {"answer", "score", "start", "end"} (character offsets), or a
+        list of top_k. Contexts longer than the artifact's window are read in overlapping windows."""
+        self._helper("answer")
+        questions, single = _texts(question)
+        contexts = _pairs(questions, context)
+        max_answer_len = max_answer_len or self.manifest.task.get("max_answer_length", 30)
+        if doc_stride is None:  # the recipe's, shrunk to fit a small window
+            doc_stride = min(self.manifest.task.get("doc_stride", 128), self.max_length // 4)
+        elif not 0 <= doc_stride < self.max_length // 2:
+            raise UserError(f"doc_stride {doc_stride} must be below half the window of {self.max_length} tokens")
+        tokenizer = self._window_tokenizer(doc_stride)
+        windows = [self._windows(tokenizer, q, c) for q, c in zip(questions, contexts)]
+        outputs = self._run_encoder(self.batch([w for item in windows for w in item]))  # all items in one go
+        results, first = [], 0
+        for item, c in zip(windows, contexts):
+            rows = slice(first, first + len(item))
+            first += len(item)
+            found = tasks.answer(outputs["start_logits"][rows], outputs["end_logits"][rows], item, c, top_k,
+                                 max_answer_len, handle_impossible_answer)
+            found = found or [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]
+            results.append(found[0] if top_k == 1 else found)
+        return results[0] if single else results
+
+    def _window_tokenizer(self, doc_stride: int) -> Tokenizer:
+        key = (self.max_length, doc_stride)
+        with self._lock:
+            if key not in self._window_tokenizers:
+                tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+                tokenizer.enable_truncation(self.max_length, stride=doc_stride, strategy="only_second")
+                self._window_tokenizers[key] = tokenizer
+            return self._window_tokenizers[key]
+
+    def _windows(self, tokenizer: Tokenizer, question: str, context: str) -> list[Encoding]:
+        if not question.strip() or not context.strip():
+            raise UserError("question and context must both be non-empty")
+        try:
+            first = tokenizer.encode(question, context)
+        except Exception as err:  # tokenizers raises a bare Exception when the stride cannot fit
+            raise UserError(f"cannot window this context ({err}); use a smaller doc_stride or a shorter "
+                            "question") from None
+        return [first, *first.overflowing]
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> Any:
+        """Continue the prompt(s): greedy by default, or sampled (temperature, top_k, top_p, seed).
+        Stops at [SEP] / eos, at any of the `stop` strings, or after max_new_tokens."""
+        self._helper("generate")
+        prompts, single = _texts(prompt)
+        generator = self._generator(max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop)
+        texts = generator.run(prompts)
+        return texts[0] if single else texts
+
+    def generate_stream(self, prompt: str, max_new_tokens: int | None = None, do_sample: bool = False,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                        stop: Sequence[str] = ()) -> Iterator[str]:
+        """Like generate() for one prompt, yielding the text piece by piece as it is produced."""
+        self._helper("generate_stream")
+        generator = self._generator(max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop)
+        return generator.stream(prompt)
+
+    def _generator(self, max_new_tokens: int | None, do_sample: bool, temperature: float, top_k: int,
+                   top_p: float, seed: int | None, stop: Sequence[str]) -> Generator:
+        options = SamplingOptions(max_new_tokens or self.manifest.task.get("max_new_tokens", 32), do_sample,
+                                  temperature, top_k, top_p, seed, tuple(stop))
+        return Generator(self, options)
+
+
+def _texts(value: str | Sequence[str]) -> tuple[list[str], bool]:
+    """One text or a list of them: the list, and whether it was one."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise UserError("an empty list: give at least one text")
+    return texts, isinstance(value, str)
+
+
+def _pairs(texts: list[str], pairs: str | Sequence[str]) -> list[str]:
+    seconds = [pairs] if isinstance(pairs, str) else list(pairs)
+    if len(seconds) != len(texts):
+        raise UserError(f"{len(texts)} texts but {len(seconds)} pairs")
+    return seconds

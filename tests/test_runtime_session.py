@@ -1,0 +1,133 @@
+"""runtime.Session itself: opening artifacts, checking inputs, threads, and no torch anywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import Session, UserError
+from runtime.manifest import FORMAT_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_artifact(manifest_path: Path, directory: Path) -> Path:
+    directory.mkdir()
+    manifest = json.loads(manifest_path.read_text())
+    for name in [*manifest["files"], manifest_path.name]:
+        shutil.copy(manifest_path.parent / name, directory / name)
+    return directory / manifest_path.name
+
+
+def qa_inputs(batch=2, length=12):
+    ids = np.full((batch, length), 20, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def test_opens_from_manifest_or_model_file(built):
+    qa = built["qa"][0]
+    for path in (qa, qa.with_suffix(".onnx")):
+        session = Session(path)
+        assert session.backend == "onnxruntime/CPUExecutionProvider"
+        assert session.run(qa_inputs())["start_logits"].shape == (2, 12)
+    lm = built["causal-lm"][0]
+    assert Session(lm.with_name("causal-lm.decode.onnx")).head.name == "causal-lm"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.pop("token_type_ids"), "missing token_type_ids"),
+    (lambda f: f.update(extra=f["input_ids"]), "unexpected extra"),
+    (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)), "input_ids has dtype int32, expected int64"),
+    (lambda f: f.update(attention_mask=f["attention_mask"].tolist()), "must be a numpy array"),
+    (lambda f: f.update(input_ids=f["input_ids"][0]), "has shape [12], expected [batch, sequence]"),
+    (lambda f: f.update(attention_mask=f["attention_mask"][:, :5]), "axis sequence is 5 here but 12"),
+    (lambda f: f.update({k: np.tile(v, (1, 5)) for k, v in f.items()}), "sequence of 60 is outside"),
+    (lambda f: f.update({k: np.tile(v, (3, 1)) for k, v in f.items()}), "batch of 6 is outside"),
+])
+def test_bad_raw_inputs_are_clear_errors_and_the_session_stays_usable(built, change, message):
+    session = Session(built["qa"][0])
+    feed = qa_inputs()
+    change(feed)
+    with pytest.raises(UserError) as err:
+        session.run(feed)
+    assert message in str(err.value)
+    assert session.run(qa_inputs())["end_logits"].shape == (2, 12)
+
+
+def test_bad_text_inputs(built):
+    qa = Session(built["qa"][0])
+    with pytest.raises(UserError, match="non-empty"):
+        qa.answer("", "some context")
+    assert qa.answer("who", "the cat " * 200)["answer"]  # long contexts are windowed, not refused
+    classifier = Session(built["sequence-classification"][0])
+    with pytest.raises(UserError, match="empty text"):
+        classifier.classify("   ")
+    with pytest.raises(UserError, match="longer than this artifact's 48"):
+        classifier.classify("the cat sat on the mat " * 100)
+    with pytest.raises(UserError, match="2 texts but 1 pairs"):
+        classifier.classify(["a", "b"], text_pair=["c"])
+    with pytest.raises(UserError, match="no \\[MASK\\] token"):
+        Session(built["mlm"][0]).fill_mask("nothing to fill")
+    with pytest.raises(UserError, match="exceeds this artifact's cache of 16"):
+        Session(built["causal-lm"][0]).generate("the sky", max_new_tokens=40)
+    with pytest.raises(UserError, match="5 choices; this artifact takes 2 to 4"):
+        Session(built["multiple-choice"][0]).choose("a", ["b", "c", "d", "e", "f"])
+    assert classifier.classify("fine")["label"]  # still usable
+
+
+def test_tampered_files_and_newer_manifests_are_refused(built, tmp_path):
+    manifest_path = copy_artifact(built["qa"][0], tmp_path / "qa")
+    onnx_file = manifest_path.with_suffix(".onnx")
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        Session(manifest_path)
+
+    manifest_path = copy_artifact(built["qa"][0], tmp_path / "qa2")
+    data = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**data, "format": FORMAT_VERSION + 1}))
+    with pytest.raises(UserError, match="newer than this runtime reads"):
+        Session(manifest_path)
+    with pytest.raises(UserError, match="no manifest nothing.json"):
+        Session(tmp_path / "nothing.onnx")
+    with pytest.raises(UserError, match="expected an artifact's manifest"):
+        Session(tmp_path / "qa2" / "qa.tokenizer.json.bak")
+    with pytest.raises(UserError, match="unknown backend"):
+        Session(manifest_path.with_name("qa.json"), backend="tvm")
+
+
+def test_threads_share_a_session(built):
+    session = Session(built["qa"][0])
+    contexts = [f"the cat sat on the mat number {i} in the sun" for i in range(20)]
+    expected = [session.answer("who sat", c) for c in contexts]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda i: session.answer("who sat", contexts[i % 20]), range(1000)))
+    assert results == [expected[i % 20] for i in range(1000)]
+
+
+def test_runtime_works_without_torch(built):
+    """The runtime in a process where torch (and the exporter) cannot be imported at all."""
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("torch", "exporter", "transformers"):
+                    raise ImportError(f"blocked: {{name}}")
+
+        sys.meta_path.insert(0, Block())
+        import runtime
+        session = runtime.Session({str(built["qa"][0])!r})
+        print(session.answer("who sat", "the cat sat on the mat")["answer"])
+        assert not any(m.split(".")[0] in ("torch", "exporter") for m in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in "the cat sat on the mat"
