@@ -14,30 +14,40 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
 from tokenizers import Tokenizer
 
+from runtime import tensorrt_backend
 from runtime.errors import UserError
-from runtime.heads import TensorSpec, expand, graph_file
+from runtime.files import sha256_of
+from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
 from runtime.manifest import Manifest
+from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
-from . import checkpoints, demo
+from . import calibration, checkpoints, demo
 from .checkpoints import LoadedModel
 from .config import MegatronBertConfig
 from .onnx_export import export_graph
 from .precision import to_fp16
+from .quantize import sensitive_layers, to_int8_dynamic, to_int8_qdq
 from .recipes import PRECISIONS, Recipe, load_recipe
-from .validate import summary, table, validate
+from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
+from .tensorrt_support import TABLE as TENSORRT_TABLE
+from .tensorrt_support import graph_problems, profile_problems
+from .validate import Comparison, failures, ort_runner, summary, table, validate
 
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
 
 
@@ -60,6 +70,12 @@ class BuildOptions:
     max_choices: int | None = None
     max_past: int | None = None
     allow_random_head: bool = False
+    calibration_data: str | None = None  # int8: a .txt or .jsonl (default: the recipe's)
+    calibration_method: str | None = None  # minmax, entropy or percentile (default: the recipe's)
+    calibration_samples: int | None = None  # default: the recipe's
+    keep_float: list[str] = field(default_factory=list)  # int8: module-path globs left unquantized
+    backend: str = "auto"  # "tensorrt": engines or fail; "onnxruntime": none; "auto": where TensorRT + GPU exist
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 Log = Callable[[str], None]
@@ -82,9 +98,7 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     recipe = load_recipe(options.head, options.recipe)
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if options.precision == "int8":
-        raise UserError("--precision int8 (calibrated Q/DQ) is not implemented yet (issue #5); "
-                        "use fp32 or fp16")
+    engines_wanted = wants_engines(options.backend, log)
     explicit = {axis for axis, value in (("batch", options.max_batch), ("sequence", options.max_sequence),
                                          ("choices", options.max_choices), ("past_sequence", options.max_past))
                 if value is not None}
@@ -105,25 +119,45 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
         log(f"  note: {note}")
     tokenizer = pick_tokenizer(checkpoint, options.tokenizer or recipe.tokenizer, options.lowercase, loaded)
 
+    new_out = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=out))
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
-        manifest = make_artifact(loaded, recipe, options.precision, name, tokenizer, staging, log)
+        manifest = make_artifact(loaded, recipe, options, name, tokenizer, staging, engines_wanted, log)
         if not manifest.validation["passed"]:
             failed = out / f"{name}.failed"
             shutil.rmtree(failed, ignore_errors=True)
             os.replace(staging, failed)
-            raise ValidationFailed(f"validation failed: the {options.precision} artifact differs from PyTorch "
-                                   f"beyond the recipe's tolerance; kept for inspection in {failed}, not "
-                                   f"installed as {out / name}.json")
+            problems = manifest.validation["problems"]
+            raise ValidationFailed(f"validation failed: {'; '.join(problems[:3])}"
+                                   f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; the "
+                                   f"{options.precision} artifact is kept for inspection in {failed}, not installed "
+                                   f"as {out / name}.json")
         publish(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if new_out and not any(out.iterdir()):  # a build that wrote nothing leaves no empty --out behind
+            out.rmdir()
     log(f"wrote {out / name}.json ({', '.join(manifest.files)})")
     return out / f"{name}.json"
+
+
+def wants_engines(backend: str, log: Log) -> bool:
+    """Build TensorRT engines? "auto": where TensorRT and a GPU exist; "tensorrt": must (else exit 2)."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        return False
+    reason = tensorrt_backend.usable()
+    if reason is None:
+        return True
+    if backend == "tensorrt":
+        raise UserError(f"--backend tensorrt: cannot build TensorRT engines here: {reason}")
+    log(f"note: no TensorRT engine will be built ({reason}); building the ONNX Runtime artifact")
+    return False
 
 
 def check_writable(out: Path) -> None:
@@ -171,29 +205,51 @@ def pick_tokenizer(checkpoint: str, tokenizer: str | None, lowercase: bool | Non
     return loaded_tokenizer
 
 
-def make_artifact(loaded: LoadedModel, recipe: Recipe, precision: str, name: str, tokenizer: Tokenizer,
-                  staging: Path, log: Log) -> Manifest:
-    """Write the graphs, tokenizer and manifest of one artifact into `staging`."""
-    spec, config = recipe.spec, loaded.config
+def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
+                  staging: Path, engines_wanted: bool, log: Log) -> Manifest:
+    """Write the graphs (and engines), tokenizer and manifest of one artifact into `staging`."""
+    spec, config, precision = recipe.spec, loaded.config, options.precision
     hf_config = config.to_hf_dict()
-    files: list[str] = []
-    graph_paths = {}
+    fp32: dict[str, Path] = {}
+    graphs: dict[str, Path] = {}  # what ONNX Runtime runs
     for graph in spec.graphs:
-        path = staging / graph_file(name, graph)
-        fp32_path = path if precision == "fp32" else staging / "fp32" / path.name
-        fp32_path.parent.mkdir(exist_ok=True)
-        with step(log, f"exporting {path.name} (fp32)"):
-            written = export_graph(loaded.model, spec, graph, config, fp32_path)
-        if precision == "fp16":
+        graphs[graph] = staging / graph_file(name, graph)
+        fp32[graph] = graphs[graph] if precision == "fp32" else staging / "fp32" / graphs[graph].name
+        fp32[graph].parent.mkdir(exist_ok=True)
+        with step(log, f"exporting {fp32[graph].name} (fp32)"):
+            export_graph(loaded.model, spec, graph, config, fp32[graph])
+    for_tensorrt = dict(graphs)  # what TensorRT builds from
+    quantization: dict[str, Any] = {}
+    probes: dict[str, list[dict[str, np.ndarray]]] = {}  # a few calibration inputs, to find int8's worst layers
+    if precision == "fp16":
+        for graph, path in graphs.items():
             with step(log, f"converting {path.name} to fp16"):
-                written = to_fp16(fp32_path, path)
-        files += [f.name for f in written]
-        graph_paths[graph] = path
+                to_fp16(fp32[graph], path)
+    elif precision == "int8":
+        for_tensorrt, quantization, probes = make_int8(spec, recipe, options, name, tokenizer, fp32, graphs,
+                                                       staging, log)
 
     tolerance = recipe.tolerance[precision]
-    with step(log, f"validating against PyTorch on {len(graph_paths) * 4} input shapes (ONNX Runtime, CPU)"):
-        results = validate(loaded.model, spec, config, graph_paths, recipe.shape_limits, tolerance)
+    runs = {"onnxruntime": {graph: ort_runner(path) for graph, path in graphs.items()}}
+    if precision == "int8":
+        runs["onnxruntime q/dq"] = {graph: ort_runner(path) for graph, path in for_tensorrt.items()}
+    results = []
+    for backend, runners in runs.items():
+        with step(log, f"validating ({backend}, CPU) against PyTorch on {len(runners) * 4} input shapes"):
+            results += validate(loaded.model, spec, config, runners, recipe.shape_limits, tolerance, backend)
     log(table(results))
+    problems = failures(results)
+    if precision == "int8":
+        problems = calibration_problems(quantization, recipe) + problems
+        if problems:
+            quantization["sensitive_layers"] = report_sensitive(probes, for_tensorrt, log)
+
+    tensorrt_record = {"parser_check": tensorrt_check(spec, hf_config, recipe.shape_limits, for_tensorrt, log)}
+    engines: dict[str, dict[str, Any]] = {}
+    if not problems and engines_wanted:
+        engine_results = make_engines(loaded, spec, recipe, options, name, for_tensorrt, staging, tensorrt_record, log)
+        results, problems = results + engine_results, failures(engine_results)
+        engines = {graph: {"file": graph_file(name, graph, ".plan")} for graph in spec.graphs}
 
     shutil.rmtree(staging / "fp32", ignore_errors=True)
     tokenizer_file = f"{name}.tokenizer.json"
@@ -201,23 +257,132 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, precision: str, name: str
     manifest = Manifest(
         name=name, head=spec.name, precision=precision, config=hf_config,
         graphs={graph: {"file": graph_file(name, graph),
+                        **({"tensorrt_file": for_tensorrt[graph].name} if for_tensorrt[graph] != path else {}),
                         "inputs": [_tensor(t) for t in expand(g.inputs, hf_config)],
                         "outputs": [_tensor(t) for t in expand(g.outputs, hf_config)]}
-                for graph, g in spec.graphs.items()},
+                for (graph, g), path in zip(spec.graphs.items(), graphs.values())},
         shape_limits=recipe.shape_limits,
         tokenizer={"file": tokenizer_file, "max_length": recipe.shape_limits["sequence"][2],
                    "padding_side": spec.padding_side,
                    "special_tokens": {role: {"token": token, "id": tokenizer.token_to_id(token)}
                                       for role, token in SPECIAL_TOKENS.items()
                                       if tokenizer.token_to_id(token) is not None}},
-        task=recipe.task, validation=summary(results, precision, tolerance), versions=versions(),
+        task=recipe.task, validation=summary(results, precision, tolerance, problems), versions=versions(),
+        quantization=quantization, engines=engines, tensorrt=tensorrt_record,
         source={"checkpoint": loaded.report.source, "kind": loaded.report.kind, "sha256": loaded.report.sha256,
                 "notes": loaded.report.notes, "unused_weights": loaded.report.unused,
                 "randomly_initialized": loaded.report.randomly_initialized},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest.record_files(staging, [*files, tokenizer_file])
+    files = [p.name for p in staging.iterdir() if p.is_file()]
+    manifest.record_files(staging, sorted(files))
     manifest.save(staging / f"{name}.json")
     return manifest
+
+
+def make_int8(spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
+              fp32: dict[str, Path], graphs: dict[str, Path], staging: Path, log: Log
+              ) -> tuple[dict[str, Path], dict[str, Any], dict[str, list[dict[str, np.ndarray]]]]:
+    """Calibrate and write both int8 forms of every graph: the Q/DQ one TensorRT builds from, and the
+    dynamic one ONNX Runtime runs fast on CPU (at `graphs`). Returns the Q/DQ paths, what the manifest
+    records, and a few calibration inputs per graph."""
+    data = Path(options.calibration_data or recipe.calibration["data"])
+    samples = options.calibration_samples or recipe.calibration.get("samples", 32)
+    method = options.calibration_method or recipe.calibration.get("method", "minmax")
+    with step(log, f"making calibration inputs from {data}"):
+        feeds = calibration_feeds(spec, recipe, tokenizer, data, samples, fp32)
+    count = len(next(iter(feeds.values())))
+    log(f"  {count} examples (asked for {samples})" if count < samples else f"  {count} examples")
+    qdq = {graph: staging / graph_file(name, graph, ".qdq.onnx") for graph in graphs}
+    for graph, path in graphs.items():
+        with step(log, f"calibrating ({method}) and quantizing {qdq[graph].name} (Q/DQ, for TensorRT)"):
+            to_int8_qdq(fp32[graph], qdq[graph], feeds[graph], method, options.keep_float, log)
+        with step(log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):
+            to_int8_dynamic(fp32[graph], path, options.keep_float)
+    specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS.values()}
+    ids = {int(i) for f in next(iter(feeds.values())) for i in np.unique(f["input_ids"])} - specials
+    record = {"method": method, "samples": count, "distinct_tokens": len(ids), "data": str(data),
+              "data_sha256": sha256_of(data),
+              "kept_float": options.keep_float,
+              "forms": {"onnxruntime": "dynamic: s8 weights per channel, u8 activations quantized per call "
+                                       "(DynamicQuantizeLinear + MatMulInteger)",
+                        "tensorrt": "static Q/DQ: s8 symmetric, weights per channel, activations per tensor, "
+                                    "zero points 0; MatMul/Gemm inputs only"}}
+    return qdq, record, {graph: f[:4] for graph, f in feeds.items()}
+
+
+def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, data: Path, samples: int,
+                      fp32: dict[str, Path]) -> dict[str, list[dict[str, np.ndarray]]]:
+    limits = recipe.shape_limits
+    examples = calibration.read_examples(data, spec, samples, limits.get("choices", [0, 4, 0])[1])
+    cutting = calibration.truncating(tokenizer, limits["sequence"][2])
+    pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
+    if "prefill" not in spec.graphs:
+        return {"model": [calibration.encoder_feed(e, spec, cutting, limits, pad) for e in examples]}
+    prefill = ort_runner(fp32["prefill"])
+    pairs = [calibration.causal_feeds(e, cutting, limits, tokenizer.token_to_id(SPECIAL_TOKENS["cls"]), prefill)
+             for e in examples]
+    return {graph: [p[graph] for p in pairs] for graph in spec.graphs}
+
+
+def report_sensitive(probes: dict[str, list[dict[str, np.ndarray]]], qdq: dict[str, Path], log: Log
+                     ) -> list[dict[str, Any]]:
+    """Name the layers int8 hurts most, and how to keep them in float."""
+    with step(log, "finding the layers int8 hurts most"):
+        layers = [dict(row, graph=graph) for graph, path in qdq.items() for row in sensitive_layers(path, probes[graph])]
+    layers.sort(key=lambda row: row["sqnr_db"])
+    log("  layers losing most to int8 (signal-to-quantization-noise, dB; lower is worse): "
+        + ", ".join(f"{row['layer']} {row['sqnr_db']}" for row in layers[:5]))
+    if layers:
+        log(f"  keep layers in float with --keep-float PATTERN, e.g. --keep-float '{layers[0]['layer']}'")
+    return layers[:5]
+
+
+def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, list[int]], graphs: dict[str, Path],
+                   log: Log) -> dict[str, Any]:
+    """Would TensorRT's ONNX parser take these graphs, with this profile? (No TensorRT needed.)"""
+    problems = []
+    for graph, path in graphs.items():
+        shapes = profile_shapes(expand(spec.graphs[graph].inputs, config), limits)
+        problems += [f"{path.name}: {p}" for p in graph_problems(path) + profile_problems(path, shapes)]
+    if problems:
+        log(f"  warning: TensorRT's ONNX parser would refuse {len(problems)} things: {'; '.join(problems[:3])}")
+    return {"graphs": [p.name for p in graphs.values()], "problems": problems,
+            "operator_table": TENSORRT_TABLE["source"]}
+
+
+def make_engines(loaded: LoadedModel, spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str,
+                 sources: dict[str, Path], staging: Path, record: dict[str, Any], log: Log) -> list[Comparison]:
+    """Build NAME.plan (per graph) into `staging`, noting in `record` what built them, and validate them
+    against PyTorch like the ONNX graphs."""
+    hf_config = loaded.config.to_hf_dict()
+    problems = record["parser_check"]["problems"]
+    if problems:
+        raise UserError(f"TensorRT's ONNX parser would refuse this graph: {'; '.join(problems[:3])}")
+    for graph, source in sources.items():
+        plan = staging / graph_file(name, graph, ".plan")
+        shapes = profile_shapes(expand(spec.graphs[graph].inputs, hf_config), recipe.shape_limits)
+        with step(log, f"building the TensorRT engine {plan.name} from {source.name}"):
+            record.update(build_engine(source, plan, shapes, options.precision, options.engine))
+    backend = TensorRTBackend({g: staging / graph_file(name, g, ".plan") for g in sources}, record)
+    runners = {graph: partial(backend.run, graph) for graph in sources}
+    with step(log, "validating the TensorRT engines against PyTorch"):
+        results = validate(loaded.model, spec, loaded.config, runners, recipe.shape_limits,
+                           recipe.tolerance[options.precision], "tensorrt")
+    backend.close()
+    log(table(results))
+    return results
+
+
+def calibration_problems(quantization: dict[str, Any], recipe: Recipe) -> list[str]:
+    """Calibration data that cannot stand for real inputs fails validation whatever the accuracy shows
+    (a model with random weights barely notices)."""
+    needed = recipe.calibration.get("min_distinct_tokens", 16)
+    found = quantization["distinct_tokens"]
+    if found >= needed:
+        return []
+    return [f"the calibration data is degenerate: its {quantization['samples']} examples hold {found} distinct "
+            f"ordinary tokens (padding and special tokens aside), the recipe asks for {needed}; calibrate on "
+            "real text (--calibration-data)"]
 
 
 def _tensor(t: TensorSpec) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""The command line: `python -m exporter build ...` and `python -m exporter heads`.
+"""The command line: `python -m exporter build ...`, `python -m exporter bench ...` and `python -m exporter heads`.
 
 Exit status: 0 success, 1 the artifact failed validation, 2 a mistake in what the user gave us
 (printed as one line, no traceback), 130 interrupted.
@@ -14,8 +14,10 @@ from typing import NoReturn
 from runtime.errors import UserError
 from runtime.heads import HEADS
 
-from .build import BuildOptions, ValidationFailed, build
+from .build import BACKENDS, BuildOptions, ValidationFailed, build
+from .quantize import METHODS
 from .recipes import PRECISIONS
+from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,9 +52,72 @@ def parser() -> Parser:
                        "(default: the recipe's)")
     b.add_argument("--allow-random-head", action="store_true", help="randomly initialize head weights the "
                    "checkpoint lacks (e.g. a base checkpoint built as qa) instead of failing")
+    q = b.add_argument_group("int8")
+    q.add_argument("--calibration-data", metavar="FILE", help="representative text: a .txt of lines, or a .jsonl "
+                   "with the head's fields, e.g. question/context for qa (default: the recipe's corpus)")
+    q.add_argument("--calibration-method", choices=list(METHODS), help="how activation ranges are chosen "
+                   "(default: the recipe's, minmax)")
+    q.add_argument("--calibration-samples", type=int, metavar="N", help="examples to calibrate on (default: "
+                   "the recipe's)")
+    q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN", help="leave layers matching "
+                   "this glob over module names in float, e.g. 'bert.encoder.layer.23.*' (repeatable)")
+    t = b.add_argument_group("TensorRT")
+    t.add_argument("--backend", choices=BACKENDS, default="auto", help="tensorrt: build NAME.plan engines or "
+                   "fail; onnxruntime: no engines; auto (default): engines where TensorRT and a GPU exist")
+    t.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
+    t.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
+                   help="higher builds slower, may run faster (default: TensorRT's, 3)")
+    t.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY, default="none",
+                   help="let the engine run on other GPUs too, at some speed cost (default: none)")
+    t.add_argument("--timing-cache", type=Path, metavar="FILE", help="tactic timing cache shared by builds "
+                   "(default: ~/.cache/megatron-deploy/trt.cache)")
+
+    m = commands.add_parser("bench", help="latency, throughput and memory of artifacts, beside PyTorch",
+                            description="Time artifacts through runtime.Session on every backend this machine "
+                            "has, on random inputs; with --vs-pytorch, the reference PyTorch head too.")
+    m.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help="a manifest, .onnx or .plan")
+    m.add_argument("--batch", type=sizes, default=[1], metavar="N,N", help="batch sizes (default: 1)")
+    m.add_argument("--seq", type=sizes, default=[128], metavar="N,N",
+                   help="sequence lengths; prompt lengths for a causal LM (default: 128)")
+    m.add_argument("--iterations", type=int, default=20, metavar="N", help="timed calls per setting (default: 20)")
+    m.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls first (default: 3)")
+    m.add_argument("--new-tokens", type=int, default=64, metavar="N", help="causal LM: tokens to generate (default: 64)")
+    m.add_argument("--vs-pytorch", action="store_true", help="also time the reference PyTorch head (rebuilt from "
+                   "the manifest's checkpoint) and show the speedup over it")
+    m.add_argument("--json", type=Path, metavar="FILE", help="write the figures with machine, versions and settings")
+    m.add_argument("--plot", type=Path, metavar="FILE.png", help="draw p50 latency against sequence length "
+                   "(needs matplotlib)")
 
     commands.add_parser("heads", help="list the heads with their inputs and outputs")
     return top
+
+
+def sizes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1, got {text!r}")
+    return values
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    from . import bench
+
+    if args.iterations < 1 or args.warmup < 0 or args.new_tokens < 1:
+        raise UserError("--iterations and --new-tokens must be at least 1, --warmup at least 0")
+    results = bench.run(args.artifacts, args.batch, args.seq, args.warmup, args.iterations, args.vs_pytorch,
+                        args.new_tokens)
+    print(bench.table(results))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "command"}
+    settings["artifacts"] = [str(p) for p in args.artifacts]
+    if args.json:
+        bench.write_json(results, settings, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot(results, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def list_heads() -> str:
@@ -67,17 +132,31 @@ def list_heads() -> str:
     return "\n".join(lines)
 
 
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    options = EngineOptions(workspace_gib=args.workspace, optimization_level=args.builder_optimization_level,
+                            hardware_compatibility=args.hardware_compatibility)
+    if args.timing_cache:
+        options.timing_cache = args.timing_cache
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "heads":
             print(list_heads())
             return 0
+        if args.command == "bench":
+            benchmark(args)
+            return 0
         build(BuildOptions(head=args.head, precision=args.precision, checkpoint=args.checkpoint,
                            tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
                            recipe=args.recipe, max_batch=args.max_batch, max_sequence=args.max_sequence,
                            max_choices=args.max_choices, max_past=args.max_past,
-                           allow_random_head=args.allow_random_head))
+                           allow_random_head=args.allow_random_head, calibration_data=args.calibration_data,
+                           calibration_method=args.calibration_method, calibration_samples=args.calibration_samples,
+                           keep_float=args.keep_float, backend=args.backend,
+                           engine=engine_options(args)))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

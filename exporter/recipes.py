@@ -19,7 +19,7 @@ from .config import MegatronBertConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PRECISIONS = ("fp32", "fp16", "int8")
-TOLERANCE_KEYS = ("max_abs", "min_cosine", "min_argmax")
+TOLERANCE_KEYS = ("max_abs", "min_cosine", "min_argmax", "tie_margin")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ class OnnxRuntimeBackend:
 
     PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
-    def __init__(self, files: dict[str, Path], providers: list[str] | None = None):
+    def __init__(self, files: dict[str, Path], providers: list[str] | None = None,
+                 gpu_files: dict[str, Path] | None = None):
+        """`gpu_files`: other forms of the graphs, for GPU providers (int8: Q/DQ instead of CPU's dynamic form)."""
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in self.PREFERENCE if p in available]
@@ -35,6 +37,8 @@ class OnnxRuntimeBackend:
         if unknown:
             raise UserError(f"ONNX Runtime provider {', '.join(unknown)} is not available here "
                             f"(available: {', '.join(available)})")
+        if gpu_files and providers[0] != "CPUExecutionProvider":
+            files = gpu_files
         self.sessions = {graph: ort.InferenceSession(str(path), providers=providers) for graph, path in files.items()}
         provider = next(iter(self.sessions.values())).get_providers()[0]
         self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"

@@ -37,6 +37,9 @@ class HeadSpec:
     graphs: dict[str, GraphSpec]  # "model", or "prefill" and "decode" for the causal LM
     logits: tuple[str, ...]  # outputs whose last axis is a choice among classes (argmax is checked)
     helpers: tuple[str, ...]  # the runtime.Session task helpers that serve this head
+    # The text fields of one example, as the helper names its arguments (calibration .jsonl keys);
+    # a trailing "?" marks an optional one, "[]" a list of texts.
+    fields: tuple[str, ...] = ("text",)
     padding_side: str = "right"
 
 
@@ -61,8 +64,9 @@ def _present(length_axis: str) -> tuple[TensorSpec, ...]:
 
 
 def _encoder_head(name: str, summary: str, outputs: tuple[TensorSpec, ...], logits: tuple[str, ...],
-                  helpers: tuple[str, ...], inputs: tuple[TensorSpec, ...] = ENCODER_INPUTS) -> HeadSpec:
-    return HeadSpec(name, summary, {"model": GraphSpec(inputs, outputs)}, logits, helpers)
+                  helpers: tuple[str, ...], fields: tuple[str, ...] = ("text",),
+                  inputs: tuple[TensorSpec, ...] = ENCODER_INPUTS) -> HeadSpec:
+    return HeadSpec(name, summary, {"model": GraphSpec(inputs, outputs)}, logits, helpers, fields)
 
 
 HEADS: dict[str, HeadSpec] = {head.name: head for head in (
@@ -82,20 +86,21 @@ HEADS: dict[str, HeadSpec] = {head.name: head for head in (
             (_floats("logits", "batch", "vocab"), *_present("total_sequence"))),
     }, ("logits",), ("generate", "generate_stream"), padding_side="left"),
     _encoder_head("nsp", "next-sentence prediction: is sentence B the continuation of A",
-                  (_floats("logits", "batch", 2),), ("logits",), ("next_sentence",)),
+                  (_floats("logits", "batch", 2),), ("logits",), ("next_sentence",), ("a", "b")),
     _encoder_head("pretraining", "masked LM and next-sentence prediction together",
                   (_floats("prediction_logits", "batch", "sequence", "vocab"),
                    _floats("seq_relationship_logits", "batch", 2)),
-                  ("prediction_logits", "seq_relationship_logits"), ("fill_mask", "next_sentence")),
+                  ("prediction_logits", "seq_relationship_logits"), ("fill_mask", "next_sentence"), ("a", "b?")),
     _encoder_head("sequence-classification", "one label (or score) per text or text pair",
-                  (_floats("logits", "batch", "labels"),), ("logits",), ("classify",)),
+                  (_floats("logits", "batch", "labels"),), ("logits",), ("classify",), ("text", "text_pair?")),
     _encoder_head("multiple-choice", "scores each of several candidate continuations",
-                  (_floats("logits", "batch", "choices"),), ("logits",), ("choose",), inputs=CHOICE_INPUTS),
+                  (_floats("logits", "batch", "choices"),), ("logits",), ("choose",), ("prompt", "choices[]"),
+                  inputs=CHOICE_INPUTS),
     _encoder_head("token-classification", "one label per token (named entities, tags)",
                   (_floats("logits", "batch", "sequence", "labels"),), ("logits",), ("tag",)),
     _encoder_head("qa", "extractive question answering: answer-span start and end logits",
                   (_floats("start_logits", "batch", "sequence"), _floats("end_logits", "batch", "sequence")),
-                  ("start_logits", "end_logits"), ("answer",)),
+                  ("start_logits", "end_logits"), ("answer",), ("question", "context")),
 )}
 
 

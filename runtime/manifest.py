@@ -35,8 +35,10 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> {"bytes", "sha256"}
     versions: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)  # int8: calibration method, samples, forms
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # graph -> {"file": NAME.plan, ...}
-    tensorrt: dict[str, Any] = field(default_factory=dict)  # what built the engines: version, gpu, compute_capability
+    # what built the engines (version, gpu, compute_capability) and the ONNX parser check of the graphs
+    tensorrt: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # the checkpoint: path, kind, sha256, notes
     created: str = ""
     format: int = FORMAT_VERSION

@@ -36,8 +36,8 @@ def find_manifest(path: Path) -> Path:
     if path.suffix not in (".onnx", ".plan"):
         raise UserError(f"{path}: expected an artifact's manifest (.json) or model file (.onnx, .plan)")
     stem = path.name[:-len(path.suffix)]
-    for graph in (".prefill", ".decode"):
-        stem = stem.removesuffix(graph)
+    for form in (".qdq", ".prefill", ".decode"):  # lm.prefill.qdq.onnx -> lm
+        stem = stem.removesuffix(form)
     manifest = path.with_name(f"{stem}.json")
     if not manifest.exists():
         raise UserError(f"{path}: no manifest {manifest.name} beside it (artifacts are written by "
@@ -82,7 +82,8 @@ class Session:
                 raise UserError(f"cannot run TensorRT engines here: {reason}; use backend='onnxruntime'")
             return tensorrt_backend.TensorRTBackend(engines, self.manifest.tensorrt)
         files = {graph: self.directory / g["file"] for graph, g in self.manifest.graphs.items()}
-        return OnnxRuntimeBackend(files, providers)
+        gpu_files = {graph: self.directory / g.get("tensorrt_file", g["file"]) for graph, g in self.manifest.graphs.items()}
+        return OnnxRuntimeBackend(files, providers, gpu_files)
 
     def __repr__(self) -> str:
         return f"Session({self.manifest.name!r}, head={self.head.name!r}, backend={self.backend!r})"

@@ -120,18 +120,35 @@ def tiny_limits(head: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    """Every head of the tiny config exported from a transformers checkpoint: head -> (manifest, HF model)."""
+def hf_checkpoints(tmp_path_factory):
+    """A transformers checkpoint directory of every head of the tiny config: head -> (directory, HF model)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {head: (root / head, save_hf(head, root / head)) for head in HEADS}
+
+
+def build_all(checkpoints, out, precision: str = "fp32") -> dict:
+    """Every head built at `precision`: head -> (manifest path, HF model)."""
     from exporter.build import BuildOptions, build
 
-    root = tmp_path_factory.mktemp("built")
-    artifacts = {}
-    for head in HEADS:
-        model = save_hf(head, root / head)
-        manifest = build(BuildOptions(head=head, checkpoint=str(root / head), out=root / "artifacts",
-                                      **tiny_limits(head)), log=lambda message: None)
-        artifacts[head] = (manifest, model)
-    return artifacts
+    return {head: (build(BuildOptions(head=head, checkpoint=str(directory), out=out, precision=precision,
+                                      **tiny_limits(head)), log=lambda message: None), model)
+            for head, (directory, model) in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def built(hf_checkpoints, tmp_path_factory):
+    """Every head of the tiny config exported from a transformers checkpoint: head -> (manifest, HF model)."""
+    return build_all(hf_checkpoints, tmp_path_factory.mktemp("built"))
+
+
+@pytest.fixture(scope="session")
+def built_int8(hf_checkpoints, tmp_path_factory):
+    return build_all(hf_checkpoints, tmp_path_factory.mktemp("int8"), "int8")
+
+
+@pytest.fixture(scope="session")
+def built_fp16(hf_checkpoints, tmp_path_factory):
+    return build_all(hf_checkpoints, tmp_path_factory.mktemp("fp16"), "fp16")
 
 
 def run_onnx(path, feed: dict) -> dict:

@@ -1,5 +1,7 @@
 """The released 345M configuration: our reference qa head equals transformers' on the same weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +26,19 @@ def test_345m_qa_matches_transformers():
     theirs = hf_outputs("qa", reference, inputs)
     for name in ours:
         assert (ours[name] - theirs[name]).abs().max().item() <= 1e-4, name
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_345m_qa_low_precision_within_bounds(tmp_path, precision):
+    """The realistic size in fp16 and int8, validated against PyTorch (benchmarks/qa-345m.toml explains
+    its int8 bound for random weights)."""
+    from exporter.build import BuildOptions, build
+    from runtime.manifest import Manifest
+
+    recipe = Path(__file__).resolve().parent.parent / "benchmarks" / "qa-345m.toml"
+    path = build(BuildOptions(head="qa", precision=precision, recipe=str(recipe), out=tmp_path), log=print)
+    manifest = Manifest.load(path)
+    bounds = manifest.validation["tolerance"]
+    assert manifest.validation["passed"]
+    for row in (c for c in manifest.validation["cases"] if c["case"] == "all"):
+        assert row["cosine"] >= bounds["min_cosine"] and row["argmax"] >= bounds["min_argmax"], row

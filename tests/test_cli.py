@@ -68,7 +68,8 @@ def test_help_names_every_option():
     (["--head", "qa", "--checkpoint", "/no/such/checkpoint"], ["/no/such/checkpoint"]),
     (["--head", "qa", "--max-sequence", "1000"], ["max_position_embeddings", "512"]),
     (["--head", "qa", "--max-choices", "4"], ["no choices axis"]),
-    (["--head", "qa", "--precision", "int8"], ["not implemented yet"]),
+    (["--head", "qa", "--precision", "int8", "--calibration-data", "/no/such.txt"], ["--calibration-data", "no such file"]),
+    (["--head", "qa", "--precision", "int8", "--keep-float", "nothing.*"], ["--keep-float", "matches no quantized layer"]),
     (["--head", "qa", "--name", "../elsewhere"], ["plain file name"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
@@ -128,4 +129,4 @@ def test_flags_override_the_recipe_and_limits_follow_the_model(tmp_path, capsys)
     assert manifest["shape_limits"] == {"batch": [1, 3, 3], "sequence": [1, 64, 64]}
     assert manifest["tokenizer"]["max_length"] == 64
     assert manifest["graphs"]["model"]["file"] == "tagger.onnx"
-    assert {c["sizes"]["batch"] for c in manifest["validation"]["cases"]} == {1, 3}
+    assert {c["sizes"]["batch"] for c in manifest["validation"]["cases"] if c["case"] != "all"} == {1, 3}

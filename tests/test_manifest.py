@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -28,10 +29,10 @@ def test_manifest_records_the_artifact(built):
     assert manifest.tokenizer["padding_side"] == "right" and manifest.tokenizer["max_length"] == 48
     assert manifest.tokenizer["special_tokens"]["cls"] == {"token": "[CLS]", "id": 2}
     assert manifest.validation["passed"] and manifest.validation["tolerance"]["max_abs"] == 1e-4
-    assert {c["case"] for c in manifest.validation["cases"]} == {"min", "opt", "max", "odd"}
+    assert {c["case"] for c in manifest.validation["cases"]} == {"min", "opt", "max", "odd", "all"}
     assert set(manifest.versions) >= {"torch", "onnx", "onnxruntime", "exporter"}
     assert manifest.source["kind"] == "huggingface"
-    assert manifest.source["sha256"] == sha256_of(path.parent.parent / "sequence-classification" / "model.safetensors")
+    assert manifest.source["sha256"] == sha256_of(Path(manifest.source["checkpoint"]) / "model.safetensors")
     for name, recorded in manifest.files.items():
         assert recorded == {"bytes": (path.parent / name).stat().st_size, "sha256": sha256_of(path.parent / name)}
     manifest.verify_files(path.parent)

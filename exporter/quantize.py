@@ -1,0 +1,161 @@
+"""INT8 graphs made from the fp32 ONNX graph, by ONNX Runtime's quantization tools.
+
+Two forms, because the fast int8 form differs by backend:
+- `qdq`: calibrated, explicitly quantized (QuantizeLinear/DequantizeLinear pairs) for TensorRT, which
+  accepts only symmetric int8 (zero points 0): weights per output channel, activations per tensor. Only
+  MatMul/Gemm inputs are quantized; LayerNorm, Softmax, GELU and the residual adds stay in float.
+  TensorRT >= 10.12 builds precision from these nodes (no calibrator, no INT8 flag).
+- `dynamic`: what ONNX Runtime runs fast on CPU: s8 weights with u8 activations quantized per call
+  (DynamicQuantizeLinear + MatMulInteger). On CPUs without VNNI, s8/s8 Q/DQ runs no faster than fp32.
+
+Nodes are named for `--keep-float` and in reports by the PyTorch module they come from
+(`bert.encoder.layer.3.attention.self.query`), which the exporter records in each node's metadata.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_dynamic, quantize_static)
+from onnxruntime.quantization import qdq_loss_debug
+
+from runtime.errors import UserError
+
+from .onnx_export import TWO_GB, check_graph, written
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+Feed = dict[str, np.ndarray]
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The PyTorch module a node was exported from, e.g. "bert.encoder.layer.0.attention.self.query"."""
+    scope = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    modules = [part.split(":")[0].strip() for part in scope.split("/")]
+    named = [m for m in modules if m.startswith("model.")]
+    return named[-1].removeprefix("model.") if named else node.name
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> module path of the matrix products int8 quantizes: those with a weight (the Linear
+    layers). Attention's activation-by-activation products stay float: softmax probabilities of short
+    inputs peak far above what calibration saw, and clipping them cost most of the accuracy."""
+    weights = {t.name for t in model.graph.initializer}
+    return {n.name: module_path(n) for n in model.graph.node
+            if n.op_type in QUANTIZED_OPS and any(i in weights for i in n.input)}
+
+
+def chosen_nodes(model: onnx.ModelProto, keep_float: list[str]) -> list[str]:
+    """The quantizable nodes minus those `--keep-float` patterns (globs over module paths) name."""
+    nodes = quantizable_nodes(model)
+    kept: set[str] = set()
+    for pattern in keep_float:
+        matched = {name for name, path in nodes.items() if fnmatch.fnmatchcase(path, pattern)}
+        if not matched:
+            raise UserError(f"--keep-float {pattern!r} matches no quantized layer; they are named like "
+                            f"{', '.join(sorted(set(nodes.values()))[:3])}")
+        kept |= matched
+    return sorted(set(nodes) - kept)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Hide ONNX Runtime's advice (on the root logger) to pre-process first: its shape inference and
+    fusions are what we avoid, to keep the graph TensorRT-shaped and the layers named."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
+    """Hands calibration inputs to ONNX Runtime one by one, reporting progress."""
+
+    def __init__(self, feeds: list[Feed], log: Callable[[str], None] = lambda _: None, what: str = "calibrating"):
+        self.feeds, self.log, self.what = feeds, log, what
+        self.items: Iterator[Feed] = iter(())
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.items, self.count = iter(self.feeds), 0
+
+    def get_next(self) -> Feed | None:
+        feed = next(self.items, None)
+        if feed is not None:
+            self.count += 1
+            if self.count == len(self.feeds) or self.count % max(1, len(self.feeds) // 4) == 0:
+                self.log(f"  {self.what}: {self.count}/{len(self.feeds)} inputs")
+        return feed
+
+
+def _large(path: Path) -> bool:
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > TWO_GB
+
+
+def to_int8_qdq(source: Path, target: Path, feeds: list[Feed], method: str, keep_float: list[str],
+                log: Callable[[str], None]) -> list[Path]:
+    """Calibrate on `feeds` and write the symmetric Q/DQ graph TensorRT builds from."""
+    model = onnx.load(str(source), load_external_data=False)
+    with quiet():
+        quantize_static(str(source), str(target), Feeds(feeds, log), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
+                        nodes_to_quantize=chosen_nodes(model, keep_float), use_external_data_format=_large(source),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False,  # int32 biases: TensorRT dequantizes int8 only
+                                       # products stay float into the bias and residual adds
+                                       "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS,
+                                       # MatMul weights are [in, out]: one scale per output column
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+    check_graph(target)
+    return written(target)
+
+
+def to_int8_dynamic(source: Path, target: Path, keep_float: list[str]) -> list[Path]:
+    """Write the dynamically quantized graph (u8 activations, s8 weights) ONNX Runtime runs fast on CPU."""
+    model = onnx.load(str(source), load_external_data=False)
+    with quiet():
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=chosen_nodes(model, keep_float),
+                         use_external_data_format=_large(source))
+    check_graph(target)
+    return written(target)
+
+
+def sensitive_layers(qdq: Path, feeds: list[Feed], top: int = 5) -> list[dict[str, float | str]]:
+    """The quantized layers whose inputs lose most to quantization on `feeds`: signal-to-quantization-
+    noise ratio in dB (lower is worse) of each Q/DQ pair, grouped by the module its consumers belong to."""
+    model = onnx.load(str(qdq), load_external_data=False)
+    layers: dict[str, str] = {}  # tensor -> the module of the MatMul that reads it (else that makes it)
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            for name in node.input:
+                layers.setdefault(name.removesuffix("_DequantizeLinear_Output"), module_path(node))
+    for node in model.graph.node:
+        for name in node.output:
+            layers.setdefault(name, module_path(node))
+    with tempfile.TemporaryDirectory() as scratch:
+        augmented = Path(scratch) / "augmented.onnx"
+        qdq_loss_debug.modify_model_output_intermediate_tensors(
+            str(qdq), str(augmented), op_types_for_saving=["QuantizeLinear", "DequantizeLinear"],
+            save_as_external_data=_large(qdq))
+        activations = qdq_loss_debug.collect_activations(str(augmented), Feeds(feeds))
+    worst: dict[str, float] = {}
+    for tensor, match in qdq_loss_debug.create_activation_matching(activations).items():
+        sqnr = qdq_loss_debug.compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"])
+        layer = layers.get(tensor, tensor)
+        worst[layer] = min(worst.get(layer, np.inf), float(sqnr))
+    ranked = sorted(worst.items(), key=lambda item: item[1])[:top]
+    return [{"layer": layer, "sqnr_db": round(sqnr, 2)} for layer, sqnr in ranked]

@@ -1,0 +1,47 @@
+"""`python -m exporter bench` on tiny artifacts: figures are printed and written, not asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exporter.cli import main
+
+
+def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
+    manifest = built["qa"][0]
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", str(manifest), "--batch", "1,2", "--seq", "8,16", "--iterations", "2", "--warmup", "1",
+                 "--vs-pytorch", "--json", str(out), "--plot", str(picture)]) == 0
+    printed = capsys.readouterr().out
+    assert "p50 ms" in printed and "pytorch eager" in printed and "onnxruntime/CPU" in printed
+    report = json.loads(out.read_text())
+    assert {"machine", "versions", "settings", "results"} <= set(report)
+    rows = report["results"]
+    assert {(r["backend"], r["batch"], r["sequence"]) for r in rows} == {
+        (b, n, s) for b in ("onnxruntime/CPU", "pytorch eager") for n in (1, 2) for s in (8, 16)}
+    for row in rows:
+        assert row["p50_ms"] > 0 and row["sequences_per_s"] > 0 and row["peak_rss_mib"] > 0
+        assert (row["speedup"] is None) == (row["backend"] == "pytorch eager")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_generation(built, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(built["causal-lm"][0]), "--seq", "8", "--new-tokens", "4", "--iterations", "2",
+                 "--vs-pytorch", "--json", str(out)]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"onnxruntime/CPU", "pytorch no cache", "pytorch kv cache", "transformers generate()"} <= set(rows)
+    ours = rows["onnxruntime/CPU"]
+    assert ours["first_token_ms"] > 0 and ours["per_token_ms"] > 0 and ours["speedup"] > 0
+    assert ours["tokens_per_s"] > 0 and rows["transformers generate()"]["first_token_ms"] is None
+    assert "1st tok ms" in capsys.readouterr().out
+
+
+def test_bench_bad_input(built, capsys):
+    assert main(["bench", str(built["qa"][0]), "--seq", "4096"]) == 2
+    assert "outside the artifact's limits" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", str(built["qa"][0]), "--batch", "one"])
+    assert exit.value.code == 2 and "numbers separated by commas" in capsys.readouterr().err
