@@ -141,6 +141,7 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
                 times = timed(lambda: session.run(feed), warmup, iterations)
                 results.append(figures(manifest.name, manifest.precision, label, batch, length, times,
                                        int(feed["attention_mask"].sum())))
+        del session  # its memory is not the next backend's
     if model is not None:
         torch_results = []
         peak_rss_reset()
@@ -173,6 +174,7 @@ def bench_generation(path: Path, manifest: Manifest, batches: list[int], lengths
                 generator.stop_ids = set()  # always make new_tokens tokens
                 runs = [step_times(generator.steps(prompts)) for _ in range(iterations + 1)][1:]  # first: warm-up
                 results.append(generation_figures(manifest, label, batch, length, new_tokens, runs))
+        del session, generator
     if model is not None:
         for batch in batches:
             for length in lengths:

@@ -44,7 +44,7 @@ from .quantize import sensitive_layers, to_int8_dynamic, to_int8_qdq
 from .recipes import PRECISIONS, Recipe, load_recipe
 from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
 from .tensorrt_support import TABLE as TENSORRT_TABLE
-from .tensorrt_support import graph_problems, profile_problems
+from .tensorrt_support import graph_problems, load_structure, profile_problems
 from .validate import Comparison, failures, ort_runner, summary, table, validate
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -343,7 +343,8 @@ def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, lis
     problems = []
     for graph, path in graphs.items():
         shapes = profile_shapes(expand(spec.graphs[graph].inputs, config), limits)
-        problems += [f"{path.name}: {p}" for p in graph_problems(path) + profile_problems(path, shapes)]
+        model = load_structure(path)
+        problems += [f"{path.name}: {p}" for p in graph_problems(model) + profile_problems(model, shapes)]
     if problems:
         log(f"  warning: TensorRT's ONNX parser would refuse {len(problems)} things: {'; '.join(problems[:3])}")
     return {"graphs": [p.name for p in graphs.values()], "problems": problems,

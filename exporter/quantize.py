@@ -29,7 +29,7 @@ from onnxruntime.quantization import qdq_loss_debug
 
 from runtime.errors import UserError
 
-from .onnx_export import TWO_GB, check_graph, written
+from .onnx_export import EXTERNAL_DATA_OVER, check_graph, written
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
@@ -101,7 +101,7 @@ class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships n
 
 
 def _large(path: Path) -> bool:
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > TWO_GB
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > EXTERNAL_DATA_OVER
 
 
 def to_int8_qdq(source: Path, target: Path, feeds: list[Feed], method: str, keep_float: list[str],

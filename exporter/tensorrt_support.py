@@ -25,11 +25,30 @@ TYPE_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProt
               TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL", TensorProto.DOUBLE: "DOUBLE",
               TensorProto.INT4: "INT4", TensorProto.FLOAT8E4M3FN: "FP8"}
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+WEIGHT = "weight moved out by load_structure"
 
 
-def graph_problems(path: Path) -> list[str]:
-    """What in the graph at `path` TensorRT's ONNX parser would refuse (empty: nothing)."""
+def load_structure(path: Path, limit: int = 2**20) -> onnx.ModelProto:
+    """The graph without its large weights (over `limit` bytes; they become typed inputs): the checks need only
+    their type and shape, and shape inference over a 1.3 GB model would copy it twice. Scales and zero
+    points, which the Q/DQ checks read, stay."""
     model = onnx.load(str(path), load_external_data=False)
+    large = [t for t in model.graph.initializer if len(t.raw_data) > limit or t.data_location == TensorProto.EXTERNAL]
+    for tensor in large:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims,
+                                                                    doc_string=WEIGHT))
+        model.graph.initializer.remove(tensor)
+    return model
+
+
+def _inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph's real inputs (not the weights load_structure turned into inputs)."""
+    return [v for v in graph.input if v.doc_string != WEIGHT]
+
+
+def graph_problems(path: Path | onnx.ModelProto) -> list[str]:
+    """What in the graph TensorRT's ONNX parser would refuse (empty: nothing)."""
+    model = load_structure(path) if isinstance(path, Path) else path
     problems = []
     low, high = TABLE["opsets"]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -38,8 +57,10 @@ def graph_problems(path: Path) -> list[str]:
     graph = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     types.update({t.name: t.data_type for t in graph.initializer})
-    edges = {v.name for v in (*graph.input, *graph.output)}
     initializers = {t.name: t for t in graph.initializer}
+    edges = {v.name for v in (*_inputs(graph), *graph.output)}
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    dims.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input if v.doc_string == WEIGHT})
     for node in graph.node:
         where = f"{node.op_type} node {node.name!r}"
         if node.domain not in ("", "ai.onnx") or node.op_type not in TABLE["operators"]:
@@ -55,11 +76,12 @@ def graph_problems(path: Path) -> list[str]:
             if kind == "UINT8" and name not in edges:
                 problems.append(f"{where}: uint8 tensor {name!r} inside the graph (TensorRT: inputs/outputs only)")
         if node.op_type in QDQ:
-            problems += _qdq_problems(node, where, initializers)
+            problems += _qdq_problems(node, where, initializers, dims)
     return problems
 
 
-def _qdq_problems(node: onnx.NodeProto, where: str, initializers: dict[str, TensorProto]) -> list[str]:
+def _qdq_problems(node: onnx.NodeProto, where: str, initializers: dict[str, TensorProto],
+                  dims: dict[str, list[int]]) -> list[str]:
     """TensorRT runs symmetric int8 only: zero points 0 (int8), positive scales, a valid channel axis."""
     scale = initializers.get(node.input[1]) if len(node.input) > 1 else None
     if scale is None:
@@ -76,18 +98,18 @@ def _qdq_problems(node: onnx.NodeProto, where: str, initializers: dict[str, Tens
             problems.append(f"{where}: zero point is not 0 (TensorRT's int8 is symmetric)")
     if scales.size > 1:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        data = initializers.get(node.input[0])
-        if data is not None and not (-len(data.dims) <= axis < len(data.dims) and data.dims[axis] == scales.size):
-            problems.append(f"{where}: {scales.size} per-channel scales do not match axis {axis} of {list(data.dims)}")
+        shape = dims.get(node.input[0])
+        if shape is not None and not (-len(shape) <= axis < len(shape) and shape[axis] == scales.size):
+            problems.append(f"{where}: {scales.size} per-channel scales do not match axis {axis} of {shape}")
     return problems
 
 
-def profile_problems(path: Path, shapes: Shapes) -> list[str]:
+def profile_problems(path: Path | onnx.ModelProto, shapes: Shapes) -> list[str]:
     """Does the optimization profile fit the graph's inputs?"""
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = (load_structure(path) if isinstance(path, Path) else path).graph
     problems: list[str] = []
     ranges: dict[str, tuple[int, int, int]] = {}
-    for value in graph.input:
+    for value in _inputs(graph):
         if value.name not in shapes:
             problems.append(f"input {value.name!r} has no profile shape")
             continue
@@ -104,5 +126,6 @@ def profile_problems(path: Path, shapes: Shapes) -> list[str]:
                 problems.append(f"input {value.name!r} dim {i} is fixed at {dim.dim_value}, the profile says {bounds}")
             elif dim.HasField("dim_param") and ranges.setdefault(dim.dim_param, bounds) != bounds:
                 problems.append(f"axis {dim.dim_param!r} has two ranges: {ranges[dim.dim_param]} and {bounds}")
-    problems += [f"the profile names {name!r}, which is not an input" for name in set(shapes) - {v.name for v in graph.input}]
+    problems += [f"the profile names {name!r}, which is not an input"
+                 for name in set(shapes) - {v.name for v in _inputs(graph)}]
     return problems

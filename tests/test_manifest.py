@@ -74,8 +74,8 @@ def test_tampered_file_and_newer_format_are_refused(built, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_large_models_use_external_data(tmp_path, monkeypatch, precision):
     """Past 2 GB the weights go to NAME.onnx.data; shrink the threshold to prove it on a small model."""
-    monkeypatch.setattr("exporter.onnx_export.TWO_GB", 0)
-    monkeypatch.setattr("exporter.precision.TWO_GB", 0)
+    monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_OVER", 0)
+    monkeypatch.setattr("exporter.precision.EXTERNAL_DATA_OVER", 0)
     path = build(BuildOptions(head="base", precision=precision, out=tmp_path, max_batch=2, max_sequence=16),
                  log=lambda message: None)
     manifest = Manifest.load(path)
