@@ -45,7 +45,7 @@ from .recipes import PRECISIONS, Recipe, load_recipe
 from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
 from .tensorrt_support import TABLE as TENSORRT_TABLE
 from .tensorrt_support import graph_problems, load_structure, profile_problems
-from .validate import Comparison, failures, ort_runner, summary, table, validate
+from .validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
@@ -230,13 +230,15 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
                                                        staging, log)
 
     tolerance = recipe.tolerance[precision]
-    runs = {"onnxruntime": {graph: ort_runner(path) for graph, path in graphs.items()}}
-    if precision == "int8":
-        runs["onnxruntime q/dq"] = {graph: ort_runner(path) for graph, path in for_tensorrt.items()}
+    with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
+        cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
+    loaded.model.to("meta")  # free its weights before ONNX Runtime loads its own copy: the outputs are all we need
+    forms = {"onnxruntime": graphs, **({"onnxruntime q/dq": for_tensorrt} if precision == "int8" else {})}
     results = []
-    for backend, runners in runs.items():
-        with step(log, f"validating ({backend}, CPU) against PyTorch on {len(runners) * 4} input shapes"):
-            results += validate(loaded.model, spec, config, runners, recipe.shape_limits, tolerance, backend)
+    for backend, paths in forms.items():
+        with step(log, f"validating ({backend}, CPU) against PyTorch"):
+            results += validate(cases, {graph: ort_runner(path) for graph, path in paths.items()}, spec, tolerance,
+                                backend)
     log(table(results))
     problems = failures(results)
     if precision == "int8":
@@ -247,7 +249,8 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
     tensorrt_record = {"parser_check": tensorrt_check(spec, hf_config, recipe.shape_limits, for_tensorrt, log)}
     engines: dict[str, dict[str, Any]] = {}
     if not problems and engines_wanted:
-        engine_results = make_engines(loaded, spec, recipe, options, name, for_tensorrt, staging, tensorrt_record, log)
+        engine_results = make_engines(cases, spec, recipe, options, name, for_tensorrt, staging, tensorrt_record,
+                                      hf_config, log)
         results, problems = results + engine_results, failures(engine_results)
         engines = {graph: {"file": graph_file(name, graph, ".plan")} for graph in spec.graphs}
 
@@ -351,11 +354,11 @@ def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, lis
             "operator_table": TENSORRT_TABLE["source"]}
 
 
-def make_engines(loaded: LoadedModel, spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str,
-                 sources: dict[str, Path], staging: Path, record: dict[str, Any], log: Log) -> list[Comparison]:
+def make_engines(cases: list[Case], spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str,
+                 sources: dict[str, Path], staging: Path, record: dict[str, Any], hf_config: dict[str, Any],
+                 log: Log) -> list[Comparison]:
     """Build NAME.plan (per graph) into `staging`, noting in `record` what built them, and validate them
     against PyTorch like the ONNX graphs."""
-    hf_config = loaded.config.to_hf_dict()
     problems = record["parser_check"]["problems"]
     if problems:
         raise UserError(f"TensorRT's ONNX parser would refuse this graph: {'; '.join(problems[:3])}")
@@ -367,8 +370,7 @@ def make_engines(loaded: LoadedModel, spec: HeadSpec, recipe: Recipe, options: B
     backend = TensorRTBackend({g: staging / graph_file(name, g, ".plan") for g in sources}, record)
     runners = {graph: partial(backend.run, graph) for graph in sources}
     with step(log, "validating the TensorRT engines against PyTorch"):
-        results = validate(loaded.model, spec, loaded.config, runners, recipe.shape_limits,
-                           recipe.tolerance[options.precision], "tensorrt")
+        results = validate(cases, runners, spec, recipe.tolerance[options.precision], "tensorrt")
     backend.close()
     log(table(results))
     return results

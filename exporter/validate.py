@@ -78,24 +78,43 @@ def ort_runner(path: Path) -> Runner:
     return lambda feed: dict(zip(names, session.run(names, feed)))
 
 
-def validate(model: HeadModel, spec: HeadSpec, config: MegatronBertConfig, runners: Mapping[str, Runner],
-             limits: dict[str, list[int]], tolerance: dict[str, float], backend: str = "onnxruntime"
-             ) -> list[Comparison]:
-    """Compare each graph's runner with PyTorch on every validation case."""
-    results: list[Comparison] = []
-    for graph, run in runners.items():
-        inputs = expand(spec.graphs[graph].inputs, config.to_hf_dict())
+@dataclass
+class Case:
+    graph: str
+    name: str  # min, opt, max or odd
+    sizes: dict[str, int]
+    feed: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]  # the PyTorch reference's outputs
+
+
+def reference_cases(model: HeadModel, spec: HeadSpec, config: MegatronBertConfig, limits: dict[str, list[int]]
+                    ) -> list[Case]:
+    """Every validation input of every graph with PyTorch's outputs for it: computed once, then held
+    against each backend's graphs or engines (the model itself may go before they load)."""
+    cases: list[Case] = []
+    for graph, declared in spec.graphs.items():
+        inputs = expand(declared.inputs, config.to_hf_dict())
         axes = {a for t in inputs for a in t.shape}
-        for case, all_sizes in validation_cases(limits):
+        for name, all_sizes in validation_cases(limits):
             sizes = {axis: size for axis, size in all_sizes.items() if axis in axes}
-            feed = synthetic_inputs(inputs, sizes, config, spec.padding_side, seed=len(results))
+            feed = synthetic_inputs(inputs, sizes, config, spec.padding_side, seed=len(cases))
             with torch.no_grad():
                 if "past_key_values.0.key" in feed:
                     feed.update(model_made_cache(model, feed, config))
                 expected = {k: v.numpy() for k, v in reference_outputs(model, feed).items()}
-            actual = run({k: v.numpy() for k, v in feed.items()})
-            results += _compare_case(backend, graph, case, sizes, expected, actual, spec, tolerance)
-        results += _pooled([r for r in results if r.backend == backend and r.graph == graph], tolerance)
+            cases.append(Case(graph, name, sizes, {k: v.numpy() for k, v in feed.items()}, expected))
+    return cases
+
+
+def validate(cases: list[Case], runners: Mapping[str, Runner], spec: HeadSpec, tolerance: dict[str, float],
+             backend: str = "onnxruntime") -> list[Comparison]:
+    """Compare each graph's runner with PyTorch on every validation case."""
+    results: list[Comparison] = []
+    for graph, run in runners.items():
+        for case in (c for c in cases if c.graph == graph):
+            results += _compare_case(backend, graph, case.name, case.sizes, case.expected, run(case.feed), spec,
+                                     tolerance)
+        results += _pooled([r for r in results if r.graph == graph], tolerance)
     return results
 
 
