@@ -16,7 +16,7 @@ from runtime.heads import HEADS
 
 from .build import BACKENDS, BuildOptions, ValidationFailed, build
 from .quantize import METHODS
-from .recipes import PRECISIONS
+from .recipes import PRECISIONS, RECIPES_DIR
 from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
 
 
@@ -88,8 +88,35 @@ def parser() -> Parser:
     m.add_argument("--plot", type=Path, metavar="FILE.png", help="draw p50 latency against sequence length "
                    "(needs matplotlib)")
 
+    a = commands.add_parser("build-all", help="build every head x precision of a recipe set, with an index",
+                            description="Build HEAD-PRECISION artifacts for every recipe in --recipes, continuing "
+                            "past failures; write OUT/index.json; skip artifacts whose inputs are unchanged. "
+                            "Exit 1 if any failed.")
+    a.add_argument("--recipes", type=Path, default=RECIPES_DIR, metavar="DIR", help="default: recipes/")
+    a.add_argument("--heads", type=names, metavar="H,H", help="only these heads (default: every recipe's)")
+    a.add_argument("--precisions", type=names, default=list(PRECISIONS), metavar="P,P",
+                   help="default: fp32,fp16,int8")
+    a.add_argument("--out", type=Path, required=True, metavar="DIR")
+    a.add_argument("--backend", choices=BACKENDS, default="auto", help="as for build (default: auto)")
+
+    r = commands.add_parser("triton", help="write artifacts as a Triton model repository",
+                            description="Write <model>/config.pbtxt and <model>/1/model.plan|model.onnx per graph.")
+    r.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
+    r.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model repository")
+    r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="instance group kind (default auto: GPU for engines, CPU for ONNX)")
+
+    v = commands.add_parser("verify", help="check artifacts on the machine that will serve them",
+                            description="Re-check file hashes, that TensorRT engines match this machine's TensorRT "
+                            "and GPU, and run a smoke inference. Exit 0: all good; 1: something is wrong.")
+    v.add_argument("target", type=Path, metavar="DIR|ARTIFACT", help="a directory of artifacts, or one artifact")
+
     commands.add_parser("heads", help="list the heads with their inputs and outputs")
     return top
+
+
+def names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def sizes(text: str) -> list[int]:
@@ -149,6 +176,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             benchmark(args)
             return 0
+        if args.command == "build-all":
+            from .build_all import build_all
+
+            return 0 if build_all(args.recipes, args.heads, args.precisions, args.out, args.backend, print) else 1
+        if args.command == "triton":
+            from .triton import write_repository
+
+            models = write_repository(args.artifacts, args.out, args.device)
+            print(f"wrote {args.out}: {', '.join(models)}")
+            return 0
+        if args.command == "verify":
+            from .verify import report
+
+            text, good = report(args.target)
+            print(text)
+            return 0 if good else 1
         build(BuildOptions(head=args.head, precision=args.precision, checkpoint=args.checkpoint,
                            tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
                            recipe=args.recipe, max_batch=args.max_batch, max_sequence=args.max_sequence,

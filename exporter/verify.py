@@ -1,0 +1,96 @@
+"""`python -m exporter verify DIR|ARTIFACT`: is this artifact good to serve on this machine?
+
+For each artifact: its files match their recorded hashes, its TensorRT engines (if any) match this
+machine's TensorRT version and GPU (else: which rebuild is needed), and a small inference on the
+smallest shapes it takes gives finite outputs on every backend it can use here. Needs only the runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime import Session, tensorrt_backend
+from runtime.errors import UserError
+from runtime.manifest import Manifest
+from runtime.session import find_manifest
+
+
+def manifests(target: Path) -> list[Path]:
+    if target.is_dir():
+        found = sorted(p for p in target.glob("*.json") if not p.name.endswith(".tokenizer.json")
+                       and p.name != "index.json")
+        if not found:
+            raise UserError(f"{target}: no artifact manifests (NAME.json) in it")
+        return found
+    if not target.exists():
+        raise UserError(f"{target}: no such artifact")
+    return [find_manifest(target)]
+
+
+def smoke_feed(manifest: Manifest, graph: str) -> dict[str, np.ndarray]:
+    """The smallest inputs the graph takes: token 1 everywhere, a KV cache of zeros."""
+    sizes = {axis: low for axis, (low, _, _) in manifest.shape_limits.items()}
+    sizes["total_sequence"] = sizes["sequence"] + sizes.get("past_sequence", 0)
+    feed = {}
+    for tensor in manifest.graphs[graph]["inputs"]:
+        shape = [sizes[a] if isinstance(a, str) else a for a in tensor["shape"]]
+        feed[tensor["name"]] = (np.ones(shape, dtype=tensor["dtype"]) if tensor["name"] != "token_type_ids"
+                                else np.zeros(shape, dtype=tensor["dtype"]))
+    return feed
+
+
+def engine_problems(manifest: Manifest) -> list[str]:
+    if not manifest.engines:
+        return []
+    built = manifest.tensorrt
+    origin = (f"TensorRT {built.get('version', '?')} on {built.get('gpu', '?')} "
+              f"(compute capability {built.get('compute_capability', '?')})")
+    reason = tensorrt_backend.usable()
+    if reason:
+        return [f"its TensorRT engines cannot run here ({reason}); they were built with {origin}: serve the "
+                f"ONNX graphs, or install TensorRT {built.get('version', '?')} on such a GPU"]
+    import tensorrt
+
+    here = {"version": tensorrt.__version__, **tensorrt_backend.gpu()}
+    if built.get("version") != here["version"] and not built.get("version_compatible"):
+        return [f"its engines were built with {origin}; this machine has TensorRT {here['version']}: rebuild "
+                f"them here (python -m exporter build --backend tensorrt ...)"]
+    if (built.get("compute_capability") != here["compute_capability"]
+            and built.get("hardware_compatibility", "none") == "none"):
+        return [f"its engines were built with {origin}; this machine has {here['gpu']} (compute capability "
+                f"{here['compute_capability']}): rebuild them here"]
+    return []
+
+
+def verify_one(path: Path) -> list[str]:
+    """What is wrong with the artifact at `path` here (empty: nothing)."""
+    try:
+        manifest = Manifest.load(path)
+        manifest.verify_files(path.parent)
+    except UserError as err:
+        return [str(err)]
+    problems = engine_problems(manifest)
+    backends = ["onnxruntime"] + (["tensorrt"] if manifest.engines and not problems else [])
+    for backend in backends:
+        try:
+            session = Session(path, backend=backend)
+            for graph in manifest.graphs:
+                outputs = session.run(smoke_feed(manifest, graph), graph)
+                if not all(np.isfinite(v).all() for v in outputs.values()):
+                    problems.append(f"{backend}: the {graph} graph gives non-finite outputs on a smoke input")
+        except UserError as err:
+            problems.append(f"{backend}: {err}")
+    return problems
+
+
+def report(target: Path) -> tuple[str, bool]:
+    """A line per artifact (and one per problem), and whether all are good."""
+    lines, good = [], True
+    for path in manifests(target):
+        problems = verify_one(path)
+        good &= not problems
+        lines.append(f"{'ok  ' if not problems else 'FAIL'} {path}")
+        lines += [f"     - {p}" for p in problems]
+    return "\n".join(lines), good
