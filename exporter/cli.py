@@ -105,6 +105,8 @@ def parser() -> Parser:
     r.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model repository")
     r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="instance group kind (default auto: GPU for engines, CPU for ONNX)")
+    r.add_argument("--with-tokenizer", action="store_true", help="add NAME-text, a Python-backend model that "
+                   "takes the helper's arguments as JSON text and answers as runtime.Session does")
 
     v = commands.add_parser("verify", help="check artifacts on the machine that will serve them",
                             description="Re-check file hashes, that TensorRT engines match this machine's TensorRT "
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "triton":
             from .triton import write_repository
 
-            models = write_repository(args.artifacts, args.out, args.device)
+            models = write_repository(args.artifacts, args.out, args.device, args.with_tokenizer)
             print(f"wrote {args.out}: {', '.join(models)}")
             return 0
         if args.command == "verify":

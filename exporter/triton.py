@@ -4,7 +4,8 @@ Per graph: `<model>/config.pbtxt` and `<model>/1/model.plan` (where the artifact
 or `<model>/1/model.onnx` with its external data beside it under the name the graph refers to. Inputs
 and outputs come from the manifest, the batch axis becoming `max_batch_size` (the recipe's max) with
 dynamic batching preferring the recipe's opt batch; other dynamic axes are -1. A causal LM becomes
-two models, NAME-prefill and NAME-decode, with a README on driving them.
+two models, NAME-prefill and NAME-decode, with a README on driving them. `--with-tokenizer` adds
+NAME-text, a Python-backend model taking text (runtime/triton_text_model.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import runtime
 from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.session import find_manifest
@@ -58,7 +60,31 @@ def model_config(name: str, platform: str, manifest: Manifest, graph: str, kind:
     return "\n".join(lines) + "\n"
 
 
-def write_repository(artifacts: list[Path], out: Path, device: str = "auto") -> list[str]:
+TEXT_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "REQUEST" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [ {{ name: "RESULT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+
+
+def write_text_model(manifest_path: Path, manifest: Manifest, out: Path) -> str:
+    """`NAME-text`: the Python-backend model that takes the helper's arguments as JSON text."""
+    name = f"{manifest.name}-text"
+    version = out / name / "1"
+    if version.parent.exists():
+        shutil.rmtree(version.parent)
+    version.mkdir(parents=True)
+    shutil.copy(Path(runtime.__file__).parent / "triton_text_model.py", version / "model.py")
+    shutil.copy(manifest_path, version / manifest_path.name)
+    shutil.copy(manifest_path.parent / manifest.tokenizer["file"], version / manifest.tokenizer["file"])
+    (version.parent / "config.pbtxt").write_text(TEXT_CONFIG.format(name=name))
+    return name
+
+
+def write_repository(artifacts: list[Path], out: Path, device: str = "auto", with_tokenizer: bool = False
+                     ) -> list[str]:
     """Write the models of `artifacts` into the repository `out`; returns the model names."""
     written = []
     for artifact in artifacts:
@@ -86,4 +112,6 @@ def write_repository(artifacts: list[Path], out: Path, device: str = "auto") -> 
             written.append(name)
         if "prefill" in manifest.graphs:
             (out / f"{manifest.name}-prefill" / "README.md").write_text(CAUSAL_README.format(name=manifest.name))
+        if with_tokenizer:
+            written.append(write_text_model(manifest_path, manifest, out))
     return written

@@ -47,9 +47,11 @@ class Manifest:
         self.files = {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_of(directory / n)}
                       for n in names}
 
-    def verify_files(self, directory: Path) -> None:
-        """Every listed file exists beside the manifest with the recorded size and hash."""
+    def verify_files(self, directory: Path, only: list[str] | None = None) -> None:
+        """Every listed file (or those of `only`) exists beside the manifest with the recorded size and hash."""
         for name, expected in self.files.items():
+            if only is not None and name not in only:
+                continue
             path = directory / name
             if not path.exists():
                 raise UserError(f"{path}: missing (the manifest of {self.name!r} lists it)")

@@ -46,9 +46,11 @@ def find_manifest(path: Path) -> Path:
 
 
 class Session:
-    def __init__(self, path: str | Path, backend: str = "auto", providers: list[str] | None = None):
+    def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None):
+        """`backend`: "auto", "onnxruntime", "tensorrt", or an object that runs the graphs elsewhere (such
+        as a Triton server's models); then only the tokenizer needs to be beside the manifest."""
         path = Path(path)
-        if backend not in BACKENDS:
+        if isinstance(backend, str) and backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest_path = find_manifest(path)
         self.manifest = Manifest.load(manifest_path)
@@ -57,9 +59,10 @@ class Session:
             raise UserError(f"{manifest_path}: unknown head {self.manifest.head!r}; upgrade the runtime package")
         if not self.manifest.validation.get("passed"):
             raise UserError(f"{manifest_path}: this artifact failed validation; rebuild it")
-        self.manifest.verify_files(self.directory)
+        external = not isinstance(backend, str)
+        self.manifest.verify_files(self.directory, [self.manifest.tokenizer["file"]] if external else None)
         self.head = HEADS[self.manifest.head]
-        self._backend = self._open_backend(path, backend, providers)
+        self._backend = backend if not isinstance(backend, str) else self._open_backend(path, backend, providers)
         self.backend: str = self._backend.name
         self.tokenizer = Tokenizer.from_file(str(self.directory / self.manifest.tokenizer["file"]))
         self.max_length: int = self.manifest.tokenizer["max_length"]

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+import types
+
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
+from conftest import assert_same_result
 from exporter.cli import main
+from runtime import Session
+from runtime.heads import HEADS as SPECS
 from runtime.manifest import Manifest
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -36,3 +46,103 @@ def test_repository_matches_the_graphs(built, built_int8, tmp_path, capsys):
                 assert list(tensor.dims) == dims[1:], tensor.name  # the batch axis is max_batch_size's
                 assert model_config_pb2.DataType.Name(tensor.data_type) == TYPES[value.type.tensor_type.elem_type]
     assert "past_key_values" in (repository / "causal-lm-prefill" / "README.md").read_text()
+
+
+class TritonStub(types.ModuleType):
+    """`triton_python_backend_utils` at its documented interface; BLS requests run the repository's
+    ONNX models with ONNX Runtime, as the server would."""
+
+    def __init__(self, repository):
+        super().__init__("triton_python_backend_utils")
+        stub = self
+
+        class Tensor:
+            def __init__(self, name, array):
+                self._name, self._array = name, array
+
+            def name(self):
+                return self._name
+
+            def as_numpy(self):
+                return self._array
+
+        class TritonError:
+            def __init__(self, message):
+                self._message = message
+
+            def message(self):
+                return self._message
+
+        class InferenceResponse:
+            def __init__(self, output_tensors, error=None):
+                self._tensors, self._error = output_tensors, error
+
+            def has_error(self):
+                return self._error is not None
+
+            def error(self):
+                return self._error
+
+            def output_tensors(self):
+                return self._tensors
+
+        class InferenceRequest:
+            def __init__(self, model_name, inputs, requested_output_names):
+                self.model, self.inputs, self.names = model_name, inputs, requested_output_names
+
+            def exec(self):
+                stub.calls.append(self.model)
+                session = ort.InferenceSession(str(repository / self.model / "1" / "model.onnx"))
+                values = session.run(self.names, {t.name(): t.as_numpy() for t in self.inputs})
+                return InferenceResponse([Tensor(n, v) for n, v in zip(self.names, values)])
+
+        self.calls = []
+        self.Tensor, self.TritonError, self.InferenceResponse, self.InferenceRequest = (
+            Tensor, TritonError, InferenceResponse, InferenceRequest)
+        self.TritonModelException = type("TritonModelException", (Exception,), {})
+        self.get_input_tensor_by_name = lambda request, name: next(t for t in request.inputs() if t.name() == name)
+        self.get_output_tensor_by_name = lambda response, name: next(
+            t for t in response.output_tensors() if t.name() == name)
+
+
+class ClientRequest:
+    def __init__(self, stub, arguments):
+        self.tensor = stub.Tensor("REQUEST", np.array([json.dumps(arguments).encode()], dtype=np.object_))
+
+    def inputs(self):
+        return [self.tensor]
+
+
+def test_text_model_answers_as_the_runtime_does(built, tmp_path, monkeypatch):
+    heads = ("qa", "pretraining", "causal-lm")
+    repository = tmp_path / "models"
+    assert main(["triton", *(str(built[h][0]) for h in heads), "--out", str(repository), "--with-tokenizer"]) == 0
+    stub = TritonStub(repository)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    context = "The bridge over the river was built by engineers from the town in the year 1850. " * 6
+    cases = {
+        "qa": [{"question": "Who built the bridge?", "context": context, "top_k": 2}],
+        "pretraining": [{"helper": "fill_mask", "text": "the river [MASK] through the town"},
+                        {"helper": "next_sentence", "a": "The river is long.", "b": "It flows west."}],
+        "causal-lm": [{"prompt": "the river", "max_new_tokens": 5}],
+    }
+    for head, requests in cases.items():
+        config = text_format.Parse((repository / f"{head}-text" / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert config.backend == "python" and config.input[0].name == "REQUEST"
+        spec = importlib.util.spec_from_file_location(f"model_{head}", repository / f"{head}-text" / "1" / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        model.initialize({"model_repository": str(repository / f"{head}-text"), "model_version": "1"})
+        session = Session(built[head][0])
+        responses = model.execute([ClientRequest(stub, r) for r in requests])
+        for request, response in zip(requests, responses):
+            assert not response.has_error(), response.error().message()
+            result = json.loads(stub.get_output_tensor_by_name(response, "RESULT").as_numpy()[0].decode())
+            arguments = dict(request)
+            helper = arguments.pop("helper", SPECS[head].helpers[0])
+            assert_same_result(result, json.loads(json.dumps(getattr(session, helper)(**arguments))))
+    assert {"qa", "pretraining", "causal-lm-prefill", "causal-lm-decode"} <= set(stub.calls)
+    wrong = model.execute([ClientRequest(stub, {"helper": "answer", "question": "?", "context": "."})])[0]
+    assert wrong.has_error() and "not a helper" in wrong.error().message()
