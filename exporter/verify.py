@@ -44,24 +44,14 @@ def smoke_feed(manifest: Manifest, graph: str) -> dict[str, np.ndarray]:
 def engine_problems(manifest: Manifest) -> list[str]:
     if not manifest.engines:
         return []
-    built = manifest.tensorrt
-    origin = (f"TensorRT {built.get('version', '?')} on {built.get('gpu', '?')} "
-              f"(compute capability {built.get('compute_capability', '?')})")
     reason = tensorrt_backend.usable()
     if reason:
-        return [f"its TensorRT engines cannot run here ({reason}); they were built with {origin}: serve the "
-                f"ONNX graphs, or install TensorRT {built.get('version', '?')} on such a GPU"]
-    import tensorrt
-
-    here = {"version": tensorrt.__version__, **tensorrt_backend.gpu()}
-    if built.get("version") != here["version"] and not built.get("version_compatible"):
-        return [f"its engines were built with {origin}; this machine has TensorRT {here['version']}: rebuild "
-                f"them here (python -m exporter build --backend tensorrt ...)"]
-    if (built.get("compute_capability") != here["compute_capability"]
-            and built.get("hardware_compatibility", "none") == "none"):
-        return [f"its engines were built with {origin}; this machine has {here['gpu']} (compute capability "
-                f"{here['compute_capability']}): rebuild them here"]
-    return []
+        version = manifest.tensorrt.get("version", "?")
+        return [f"its TensorRT engines cannot run here ({reason}); they were built with "
+                f"{tensorrt_backend.built_by(manifest.tensorrt)}: serve the ONNX graphs, or install TensorRT "
+                f"{version} on such a GPU"]
+    problem = tensorrt_backend.built_elsewhere(manifest.tensorrt)
+    return [problem] if problem else []
 
 
 def verify_one(path: Path) -> list[str]:

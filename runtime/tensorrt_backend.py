@@ -52,22 +52,37 @@ def gpu() -> dict[str, str]:
             "compute_capability": f"{major.value}.{minor.value}"}
 
 
+def built_by(built_with: dict[str, Any]) -> str:
+    """"TensorRT 10.8.0 on NVIDIA A10 (compute capability 8.6)", from the manifest's record."""
+    return (f"TensorRT {built_with.get('version', '?')} on {built_with.get('gpu', 'an unknown GPU')} "
+            f"(compute capability {built_with.get('compute_capability', '?')})")
+
+
+def built_elsewhere(built_with: dict[str, Any]) -> str | None:
+    """Why engines built as `built_with` records cannot run on this machine, naming both and the rebuild
+    needed; None if they can. Call only where `usable()` is None."""
+    import tensorrt as trt
+
+    here, device = trt.__version__, gpu()
+    if built_with.get("version") not in (None, here) and not built_with.get("version_compatible"):
+        return (f"the engines were built with {built_by(built_with)}; this machine has TensorRT {here}: "
+                "rebuild them here (python -m exporter build --backend tensorrt ...)")
+    if (built_with.get("compute_capability") not in (None, device["compute_capability"])
+            and built_with.get("hardware_compatibility", "none") == "none"):
+        return (f"the engines were built with {built_by(built_with)}; this machine has {device['gpu']} "
+                f"(compute capability {device['compute_capability']}): rebuild them here")
+    return None
+
+
 class TensorRTBackend:
     def __init__(self, engines: dict[str, Path], built_with: dict[str, Any]):
         import tensorrt as trt
         from polygraphy.backend.trt import TrtRunner
 
-        here = trt.__version__
-        origin = (f"TensorRT {built_with.get('version', '?')} on {built_with.get('gpu', 'an unknown GPU')} "
-                  f"(compute capability {built_with.get('compute_capability', '?')})")
-        device = gpu()
-        if built_with.get("version") not in (None, here) and not built_with.get("version_compatible"):
-            raise UserError(f"the engines were built with {origin}; this machine has TensorRT {here}: "
-                            "rebuild them here (python -m exporter build ...)")
-        if (built_with.get("compute_capability") not in (None, device["compute_capability"])
-                and built_with.get("hardware_compatibility", "none") == "none"):
-            raise UserError(f"the engines were built with {origin}; this machine has {device['gpu']} (compute "
-                            f"capability {device['compute_capability']}): rebuild them here")
+        here, origin = trt.__version__, built_by(built_with)
+        problem = built_elsewhere(built_with)
+        if problem:
+            raise UserError(problem)
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
         self.runners = {}
         for graph, path in engines.items():
