@@ -69,13 +69,18 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 """
 
 
+def fresh_version(out: Path, name: str) -> Path:
+    """`out/name/1/`, empty: a model written again replaces the old one whole."""
+    if (out / name).exists():
+        shutil.rmtree(out / name)
+    (out / name / "1").mkdir(parents=True)
+    return out / name / "1"
+
+
 def write_text_model(manifest_path: Path, manifest: Manifest, out: Path) -> str:
     """`NAME-text`: the Python-backend model that takes the helper's arguments as JSON text."""
     name = f"{manifest.name}-text"
-    version = out / name / "1"
-    if version.parent.exists():
-        shutil.rmtree(version.parent)
-    version.mkdir(parents=True)
+    version = fresh_version(out, name)
     shutil.copy(Path(runtime.__file__).parent / "triton_text_model.py", version / "model.py")
     shutil.copy(manifest_path, version / manifest_path.name)
     shutil.copy(manifest_path.parent / manifest.tokenizer["file"], version / manifest.tokenizer["file"])
@@ -93,10 +98,7 @@ def write_repository(artifacts: list[Path], out: Path, device: str = "auto", wit
         manifest.verify_files(manifest_path.parent)
         for graph, declared in manifest.graphs.items():
             name = manifest.name if graph == "model" else f"{manifest.name}-{graph}"
-            version = out / name / "1"
-            if version.parent.exists():
-                shutil.rmtree(version.parent)
-            version.mkdir(parents=True)
+            version = fresh_version(out, name)
             engine = manifest.engines.get(graph)
             if engine:
                 shutil.copy(manifest_path.parent / engine["file"], version / "model.plan")
