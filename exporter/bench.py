@@ -33,6 +33,7 @@ from .build import versions
 from .config import MegatronBertConfig
 from .model import HeadModel
 from .onnx_export import reference_outputs
+from .validate import compare
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Figures:
     tokens_per_s: float
     peak_rss_mib: float
     speedup: float | None = None  # over PyTorch eager on the same inputs
+    cosine: float | None = None  # of the outputs with PyTorch fp32's on the same inputs (the lowest output's)
     # causal LM generation: time to first token, per-token decode latency
     first_token_ms: float | None = None
     per_token_ms: float | None = None
@@ -129,9 +131,18 @@ def encoder_inputs(manifest: Manifest, batch: int, sequence: int, seed: int = 0)
     return {t["name"]: feed[t["name"]] for t in graph["inputs"]}
 
 
+def pytorch_outputs(model: HeadModel, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outputs = reference_outputs(model, {name: torch.from_numpy(value) for name, value in feed.items()})
+    return {name: value.numpy() for name, value in outputs.items()}
+
+
 def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: list[int], warmup: int,
                   iterations: int, model: HeadModel | None) -> list[Figures]:
     results = []
+    expected = {} if model is None else {  # PyTorch's outputs, made before any backend's memory is measured
+        (batch, length): pytorch_outputs(model, encoder_inputs(manifest, batch, length))
+        for batch in batches for length in lengths}
     for label, open_session in sessions(path):
         peak_rss_reset()
         session = open_session()
@@ -139,8 +150,13 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
             for length in lengths:
                 feed = encoder_inputs(manifest, batch, length)
                 times = timed(lambda: session.run(feed), warmup, iterations)
-                results.append(figures(manifest.name, manifest.precision, label, batch, length, times,
-                                       int(feed["attention_mask"].sum())))
+                result = figures(manifest.name, manifest.precision, label, batch, length, times,
+                                 int(feed["attention_mask"].sum()))
+                if expected:
+                    actual = session.run(feed)
+                    result.cosine = min(compare(value, actual[name], is_logits=False)[1]
+                                        for name, value in expected[batch, length].items())
+                results.append(result)
         del session  # its memory is not the next backend's
     if model is not None:
         torch_results = []
@@ -283,7 +299,7 @@ def run(paths: list[Path], batches: list[int], lengths: list[int], warmup: int, 
 def table(results: list[Figures]) -> str:
     generation = any(r.first_token_ms is not None for r in results)
     header = (f"{'artifact':<14} {'precision':<9} {'backend':<26} {'batch':>5} {'seq':>5} {'p50 ms':>9} {'p90 ms':>9} "
-              f"{'p99 ms':>9} {'seq/s':>8} {'tok/s':>9} {'peak MiB':>9} {'speedup':>8}")
+              f"{'p99 ms':>9} {'seq/s':>8} {'tok/s':>9} {'peak MiB':>9} {'speedup':>8} {'cos vs pt':>9}")
     if generation:
         header += f" {'1st tok ms':>10} {'ms/token':>9}"
     lines = [header]
@@ -291,7 +307,7 @@ def table(results: list[Figures]) -> str:
         speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         line = (f"{r.artifact:<14} {r.precision:<9} {r.backend:<26} {r.batch:>5} {r.sequence:>5} {r.p50_ms:>9.2f} "
                 f"{r.p90_ms:>9.2f} {r.p99_ms:>9.2f} {r.sequences_per_s:>8.2f} {r.tokens_per_s:>9.1f} "
-                f"{r.peak_rss_mib:>9.0f} {speedup:>8}")
+                f"{r.peak_rss_mib:>9.0f} {speedup:>8} {'-' if r.cosine is None else f'{r.cosine:.5f}':>9}")
         if generation:
             line += "".join(f" {'-' if v is None else f'{v:.2f}':>{w}}" for v, w in ((r.first_token_ms, 10),
                                                                                     (r.per_token_ms, 9)))

@@ -8,6 +8,7 @@ inference), so what we hand on is a well-formed graph.
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from pathlib import Path
@@ -85,8 +86,26 @@ def export_graph(model: HeadModel, spec: HeadSpec, graph: str, config: MegatronB
             # Name output axes as declared: the exporter would call a grown cache "sequence + past_sequence"
             value.shape = onnx_ir.Shape(declared.shape)
         program.save(str(path), external_data=weight_bytes(model) > EXTERNAL_DATA_OVER)
+    forget_matched_graphs()
     check_graph(path)
     return written(path)
+
+
+def forget_matched_graphs() -> None:
+    """Make onnxscript's rewrite rules let go of the graph they last matched. The exporter's rules are
+    module-level objects whose matchers keep their last match's graph (onnxscript 0.7), and through it
+    an alias of every weight: the model's memory could not be freed before ONNX Runtime loads its own
+    copy (1.2 GiB more at 345M). The state is set afresh at the start of every match, so clearing it is
+    safe; tests/test_export.py checks that nothing else keeps the weights."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:
+        return
+    # issubclass of the type: isinstance would ask every object for __class__, which some answer with a warning
+    for matcher in (o for o in gc.get_objects() if issubclass(type(o), SimplePatternMatcher)):
+        for state in ("_graph", "_match", "_current_node", "_tracer"):
+            if hasattr(matcher, state):
+                setattr(matcher, state, None)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -24,7 +24,17 @@ def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
     for row in rows:
         assert row["p50_ms"] > 0 and row["sequences_per_s"] > 0 and row["peak_rss_mib"] > 0
         assert (row["speedup"] is None) == (row["backend"] == "pytorch eager")
+        assert row["cosine"] is None if row["backend"] == "pytorch eager" else row["cosine"] > 0.99999
+    assert "cos vs pt" in printed
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_int8_measures_its_agreement_with_pytorch(built_int8, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(built_int8["qa"][0]), "--seq", "16", "--iterations", "1", "--vs-pytorch",
+                 "--json", str(out)]) == 0
+    ours = next(r for r in json.loads(out.read_text())["results"] if r["backend"] == "onnxruntime/CPU")
+    assert ours["precision"] == "int8" and 0.99 < ours["cosine"] < 1 - 1e-7  # close, yet not the fp32 graph
 
 
 def test_bench_generation(built, tmp_path, capsys):

@@ -3,12 +3,18 @@ other than those it was traced and validated at, and its graphs are well-formed 
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import onnx
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
-from conftest import HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
+from conftest import CONFIGS, HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
+from exporter.checkpoints import random_model
+from exporter.config import MegatronBertConfig
+from exporter.onnx_export import export_graph
 from runtime.heads import HEADS as SPECS
 from runtime.manifest import Manifest
 
@@ -66,3 +72,16 @@ def test_heads_declare_the_ecosystem_names():
     assert set(SPECS["causal-lm"].graphs) == {"prefill", "decode"}
     assert "past_key_values.{layer}.key" in names["causal-lm"] and "present.{layer}.value" in names["causal-lm"]
     assert SPECS["multiple-choice"].graphs["model"].inputs[0].shape == ("batch", "choices", "sequence")
+
+
+def test_export_keeps_no_alias_of_the_weights(tmp_path):
+    """Once exported, nothing but the model holds its weights, so the build can free them before ONNX
+    Runtime loads its own copy (onnxscript's rewrite rules used to keep the last graph, weights and all)."""
+    loaded = random_model("qa", MegatronBertConfig.from_hf_dict(CONFIGS["tiny"]))
+    export_graph(loaded.model, SPECS["qa"], "model", loaded.config, tmp_path / "qa.onnx")
+    storages = {p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
+    loaded.model.to("meta")
+    gc.collect()
+    aliases = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cpu"
+               and not isinstance(o, FakeTensor) and o.untyped_storage().data_ptr() in storages]
+    assert aliases == []
