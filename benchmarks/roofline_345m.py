@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
+
+from exporter.bench import timed
 
 CONFIG = Path(__file__).resolve().parent / "megatron-bert-345m.json"
 
@@ -36,16 +36,7 @@ def product_flops(config: dict[str, int], sequence: int) -> float:
 
 def best_rate(run: Callable[[], object], flops: float, repeats: int = 20) -> float:
     """FLOP/s of the fastest of `repeats` calls, after warm-up."""
-    for _ in range(3):
-        run()
-    best = min(timed(run) for _ in range(repeats))
-    return flops / best
-
-
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    return flops / float(timed(run, warmup=3, iterations=repeats).min())
 
 
 def fp32_rate(m: int, k: int, n: int) -> float:
