@@ -140,15 +140,15 @@ def pytorch_outputs(model: HeadModel, feed: dict[str, np.ndarray]) -> dict[str, 
 def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: list[int], warmup: int,
                   iterations: int, model: HeadModel | None) -> list[Figures]:
     results = []
-    expected = {} if model is None else {  # PyTorch's outputs, made before any backend's memory is measured
-        (batch, length): pytorch_outputs(model, encoder_inputs(manifest, batch, length))
-        for batch in batches for length in lengths}
+    feeds = {(batch, length): encoder_inputs(manifest, batch, length) for batch in batches for length in lengths}
+    # PyTorch's outputs, made before any backend's memory is measured
+    expected = {} if model is None else {size: pytorch_outputs(model, feed) for size, feed in feeds.items()}
     for label, open_session in sessions(path):
         peak_rss_reset()
         session = open_session()
         for batch in batches:
             for length in lengths:
-                feed = encoder_inputs(manifest, batch, length)
+                feed = feeds[batch, length]
                 times = timed(lambda: session.run(feed), warmup, iterations)
                 result = figures(manifest.name, manifest.precision, label, batch, length, times,
                                  int(feed["attention_mask"].sum()))
@@ -163,7 +163,7 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
         peak_rss_reset()
         for batch in batches:
             for length in lengths:
-                tensors = {k: torch.from_numpy(v) for k, v in encoder_inputs(manifest, batch, length).items()}
+                tensors = {k: torch.from_numpy(v) for k, v in feeds[batch, length].items()}
                 with torch.no_grad():
                     times = timed(lambda: model(**tensors), warmup, iterations)
                 torch_results.append(figures(manifest.name, "fp32", "pytorch eager", batch, length, times,
