@@ -24,11 +24,13 @@ import torch
 
 from runtime import Session, tensorrt_backend
 from runtime.errors import UserError
+from runtime.evaluation import evaluate, read_examples
 from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
 from runtime.session import find_manifest
 
 from . import checkpoints
+from .accuracy import TorchBackend
 from .build import versions
 from .config import MegatronBertConfig
 from .model import HeadModel
@@ -54,6 +56,7 @@ class Figures:
     # causal LM generation: time to first token, per-token decode latency
     first_token_ms: float | None = None
     per_token_ms: float | None = None
+    task: str | None = None  # the head's task metric on the artifact's evaluation set, e.g. "exact_match 86.50"
 
 
 def peak_rss_reset() -> None:
@@ -109,6 +112,22 @@ def sessions(path: Path) -> list[tuple[str, Callable[[], Session]]]:
     return openers
 
 
+def task_metric(manifest: Manifest) -> Callable[[Session], str | None]:
+    """Measures the metric the build decided by, on the evaluation set the manifest names (where it is
+    still here): the same figure `build` printed, beside the latency."""
+    accuracy = manifest.accuracy
+    if not accuracy or not Path(accuracy["data"]).is_file():
+        return lambda session: None
+    examples = read_examples(accuracy["data"], manifest.head)
+    return lambda session: f"{accuracy['metric']} {evaluate(session, examples)[0][accuracy['metric']]:.2f}"
+
+
+def with_task(results: list[Figures], task: str | None) -> list[Figures]:
+    for r in results:
+        r.task = task
+    return results
+
+
 def reference_model(manifest: Manifest) -> HeadModel:
     """The PyTorch head the artifact was built from: its checkpoint, or its seeded random weights."""
     source = manifest.source
@@ -143,9 +162,11 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
     feeds = {(batch, length): encoder_inputs(manifest, batch, length) for batch in batches for length in lengths}
     # PyTorch's outputs, made before any backend's memory is measured
     expected = {} if model is None else {size: pytorch_outputs(model, feed) for size, feed in feeds.items()}
+    measure_task = task_metric(manifest)
     for label, open_session in sessions(path):
         peak_rss_reset()
         session = open_session()
+        mine = []
         for batch in batches:
             for length in lengths:
                 feed = feeds[batch, length]
@@ -156,7 +177,8 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
                     actual = session.run(feed)
                     result.cosine = min(compare(value, actual[name], is_logits=False)[1]
                                         for name, value in expected[batch, length].items())
-                results.append(result)
+                mine.append(result)
+        results += with_task(mine, measure_task(session))
         del session  # its memory is not the next backend's
     if model is not None:
         torch_results = []
@@ -171,18 +193,20 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
         for r in results:
             base = next(t for t in torch_results if (t.batch, t.sequence) == (r.batch, r.sequence))
             r.speedup = base.p50_ms / r.p50_ms
-        results += torch_results
+        results += with_task(torch_results, measure_task(Session(path, backend=TorchBackend(model))))
     return results
 
 
 def bench_generation(path: Path, manifest: Manifest, batches: list[int], lengths: list[int], new_tokens: int,
                      iterations: int, model: HeadModel | None) -> list[Figures]:
     """Prompts of `length` tokens, `new_tokens` greedy tokens each, timed end to end and per step."""
-    results = []
+    results: list[Figures] = []
     options = SamplingOptions(max_new_tokens=new_tokens, stop=())
+    measure_task = task_metric(manifest)
     for label, open_session in sessions(path):
         peak_rss_reset()
         session = open_session()
+        first = len(results)
         for batch in batches:
             for length in lengths:
                 prompts = np.random.default_rng(0).integers(5, manifest.config["vocab_size"], (batch, length)).tolist()
@@ -190,6 +214,7 @@ def bench_generation(path: Path, manifest: Manifest, batches: list[int], lengths
                 generator.stop_ids = set()  # always make new_tokens tokens
                 runs = [step_times(generator.steps(prompts)) for _ in range(iterations + 1)][1:]  # first: warm-up
                 results.append(generation_figures(manifest, label, batch, length, new_tokens, runs))
+        with_task(results[first:], measure_task(session))
         del session, generator
     if model is not None:
         for batch in batches:
@@ -198,6 +223,8 @@ def bench_generation(path: Path, manifest: Manifest, batches: list[int], lengths
                 for label, steps in torch_generators(model, manifest, ids, new_tokens).items():
                     runs = [step_times(steps()) for _ in range(iterations + 1)][1:]
                     results.append(generation_figures(manifest, label, batch, length, new_tokens, runs))
+        with_task([r for r in results if r.backend == "pytorch kv cache"],
+                  measure_task(Session(path, backend=TorchBackend(model))))
         onnx_rows = [r for r in results if not r.backend.startswith(("pytorch", "transformers"))]
         for r in onnx_rows:
             base = next(t for t in results if t.backend == "pytorch no cache" and (t.batch, t.sequence) == (r.batch, r.sequence))
@@ -267,14 +294,18 @@ def torch_generators(model: HeadModel, manifest: Manifest, ids: torch.Tensor, ne
     return generators
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    """The CPU by name and the instruction sets that decide speed here (figures hold only with these)."""
     import os
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "onnxruntime_providers": ort.get_available_providers(),
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
+            "platform": platform.platform(), "onnxruntime_providers": ort.get_available_providers(),
             "tensorrt": tensorrt_backend.usable() or "available"}
 
 
@@ -299,7 +330,7 @@ def run(paths: list[Path], batches: list[int], lengths: list[int], warmup: int, 
 def table(results: list[Figures]) -> str:
     generation = any(r.first_token_ms is not None for r in results)
     header = (f"{'artifact':<14} {'precision':<9} {'backend':<26} {'batch':>5} {'seq':>5} {'p50 ms':>9} {'p90 ms':>9} "
-              f"{'p99 ms':>9} {'seq/s':>8} {'tok/s':>9} {'peak MiB':>9} {'speedup':>8} {'cos vs pt':>9}")
+              f"{'p99 ms':>9} {'seq/s':>8} {'tok/s':>9} {'peak MiB':>9} {'speedup':>8} {'cos vs pt':>9} {'task metric':>26}")
     if generation:
         header += f" {'1st tok ms':>10} {'ms/token':>9}"
     lines = [header]
@@ -307,7 +338,7 @@ def table(results: list[Figures]) -> str:
         speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         line = (f"{r.artifact:<14} {r.precision:<9} {r.backend:<26} {r.batch:>5} {r.sequence:>5} {r.p50_ms:>9.2f} "
                 f"{r.p90_ms:>9.2f} {r.p99_ms:>9.2f} {r.sequences_per_s:>8.2f} {r.tokens_per_s:>9.1f} "
-                f"{r.peak_rss_mib:>9.0f} {speedup:>8} {'-' if r.cosine is None else f'{r.cosine:.5f}':>9}")
+                f"{r.peak_rss_mib:>9.0f} {speedup:>8} {'-' if r.cosine is None else f'{r.cosine:.5f}':>9} {r.task or '-':>26}")
         if generation:
             line += "".join(f" {'-' if v is None else f'{v:.2f}':>{w}}" for v, w in ((r.first_token_ms, 10),
                                                                                     (r.per_token_ms, 9)))

@@ -34,16 +34,18 @@ from runtime import tensorrt_backend
 from runtime.errors import UserError
 from runtime.files import sha256_of
 from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
+from runtime.backends import OnnxRuntimeBackend
 from runtime.manifest import Manifest
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
 from . import calibration, checkpoints, demo
+from .accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
 from .checkpoints import LoadedModel
 from .config import MegatronBertConfig
 from .onnx_export import export_graph
 from .precision import to_fp16
-from .quantize import sensitive_layers, to_int8_dynamic, to_int8_qdq
+from .quantize import chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
 from .recipes import PRECISIONS, Recipe, load_recipe
 from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
 from .tensorrt_support import TABLE as TENSORRT_TABLE
@@ -77,6 +79,7 @@ class BuildOptions:
     calibration_method: str | None = None  # minmax, entropy or percentile (default: the recipe's)
     calibration_samples: int | None = None  # default: the recipe's
     keep_float: list[str] = field(default_factory=list)  # int8: module-path globs left unquantized
+    eval_data: str | None = None  # a .jsonl evaluation set, or "none" (default: the recipe's)
     backend: str = "auto"  # "tensorrt": engines or fail; "onnxruntime": none; "auto": where TensorRT + GPU exist
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -112,8 +115,9 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
         raise UserError(f"--name {name!r} must be a plain file name (no directories, not hidden)")
     out = Path(options.out)
     check_writable(out)
+    evaluation = evaluation_for(recipe, options.eval_data)  # a bad evaluation set stops us before any work
 
-    checkpoint = options.checkpoint or recipe.checkpoint
+    checkpoint = demo.resolve(options.checkpoint or recipe.checkpoint, options.head)
     with step(log, f"loading the {options.head} head from {checkpoint}"):
         loaded = load_model(options.head, checkpoint, recipe, options.allow_random_head)
     report_load(loaded, log)
@@ -129,7 +133,7 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
-        manifest = make_artifact(loaded, recipe, options, name, tokenizer, staging, engines_wanted, log)
+        manifest = make_artifact(loaded, recipe, options, name, tokenizer, evaluation, staging, engines_wanted, log)
         if not manifest.validation["passed"]:
             failed = out / f"{name}.failed"
             shutil.rmtree(failed, ignore_errors=True)
@@ -172,9 +176,9 @@ def check_writable(out: Path) -> None:
 
 
 def load_model(head: str, checkpoint: str, recipe: Recipe, allow_random_head: bool) -> LoadedModel:
-    """`checkpoint` is a path, "demo", or "random:CONFIG.json" (seeded random weights of that config)."""
-    if checkpoint == "demo":
-        return demo.demo_model(head, recipe.demo.get("labels"))
+    """`checkpoint` is a path, "demo-random", or "random:CONFIG.json" (seeded random weights of that config)."""
+    if checkpoint == "demo-random":
+        return demo.random_demo_model(head, recipe.demo.get("labels"))
     if checkpoint.startswith("random:"):
         return checkpoints.random_model(head, MegatronBertConfig.from_json_file(checkpoint.removeprefix("random:")))
     return checkpoints.load(head, checkpoint, allow_random_head=allow_random_head)
@@ -194,7 +198,7 @@ def report_load(loaded: LoadedModel, log: Log) -> None:
 
 def pick_tokenizer(checkpoint: str, tokenizer: str | None, lowercase: bool | None, loaded: LoadedModel) -> Tokenizer:
     if tokenizer is None:
-        if checkpoint == "demo":
+        if checkpoint == "demo-random":
             tokenizer = str(demo.VOCAB)
         elif Path(checkpoint).is_dir() and any((Path(checkpoint) / n).exists() for n in ("tokenizer.json", "vocab.txt")):
             tokenizer = checkpoint
@@ -219,7 +223,7 @@ def give_back_freed_memory() -> None:
 
 
 def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
-                  staging: Path, engines_wanted: bool, log: Log) -> Manifest:
+                  evaluation: Evaluation | None, staging: Path, engines_wanted: bool, log: Log) -> Manifest:
     """Write the graphs (and engines), tokenizer and manifest of one artifact into `staging`."""
     spec, config, precision = recipe.spec, loaded.config, options.precision
     hf_config = config.to_hf_dict()
@@ -231,100 +235,181 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
         fp32[graph].parent.mkdir(exist_ok=True)
         with step(log, f"exporting {fp32[graph].name} (fp32)"):
             export_graph(loaded.model, spec, graph, config, fp32[graph])
-    for_tensorrt = dict(graphs)  # what TensorRT builds from
-    quantization: dict[str, Any] = {}
-    probes: dict[str, list[dict[str, np.ndarray]]] = {}  # a few calibration inputs, to find int8's worst layers
-    if precision == "fp16":
-        for graph, path in graphs.items():
-            with step(log, f"converting {path.name} to fp16"):
-                to_fp16(fp32[graph], path)
-    elif precision == "int8":
-        for_tensorrt, quantization, probes = make_int8(spec, recipe, options, name, tokenizer, fp32, graphs,
-                                                       staging, log)
-
-    tolerance = recipe.tolerance[precision]
-    with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
-        cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
-    loaded.model.to("meta")  # free its weights before ONNX Runtime loads its own copy: the outputs are all we need
-    give_back_freed_memory()
-    forms = {"onnxruntime": graphs, **({"onnxruntime q/dq": for_tensorrt} if precision == "int8" else {})}
-    results = []
-    for backend, paths in forms.items():
-        with step(log, f"validating ({backend}, CPU) against PyTorch"):
-            results += validate(cases, {graph: ort_runner(path) for graph, path in paths.items()}, spec, tolerance,
-                                backend)
-    log(table(results))
-    problems = failures(results)
-    if precision == "int8":
-        problems = calibration_problems(quantization, recipe) + problems
-        if problems:
-            quantization["sensitive_layers"] = report_sensitive(probes, for_tensorrt, log)
-
-    tensorrt_record = {"parser_check": tensorrt_check(spec, hf_config, recipe.shape_limits, for_tensorrt, log)}
-    engines: dict[str, dict[str, Any]] = {}
-    if not problems and engines_wanted:
-        engine_results = make_engines(cases, spec, recipe, options, name, for_tensorrt, staging, tensorrt_record,
-                                      hf_config, log)
-        results, problems = results + engine_results, failures(engine_results)
-        engines = {graph: {"file": graph_file(name, graph, ".plan")} for graph in spec.graphs}
-
-    shutil.rmtree(staging / "fp32", ignore_errors=True)
     tokenizer_file = f"{name}.tokenizer.json"
     tokenizer.save(str(staging / tokenizer_file))
     manifest = Manifest(
         name=name, head=spec.name, precision=precision, config=hf_config,
         graphs={graph: {"file": graph_file(name, graph),
-                        **({"tensorrt_file": for_tensorrt[graph].name} if for_tensorrt[graph] != path else {}),
                         "inputs": [_tensor(t) for t in expand(g.inputs, hf_config)],
                         "outputs": [_tensor(t) for t in expand(g.outputs, hf_config)]}
-                for (graph, g), path in zip(spec.graphs.items(), graphs.values())},
+                for graph, g in spec.graphs.items()},
         shape_limits=recipe.shape_limits,
         tokenizer={"file": tokenizer_file, "max_length": recipe.shape_limits["sequence"][2],
                    "padding_side": spec.padding_side,
                    "special_tokens": {role: {"token": token, "id": tokenizer.token_to_id(token)}
                                       for role, token in SPECIAL_TOKENS.items()
                                       if tokenizer.token_to_id(token) is not None}},
-        task=recipe.task, validation=summary(results, precision, tolerance, problems), versions=versions(),
-        quantization=quantization, engines=engines, tensorrt=tensorrt_record,
+        task=recipe.task, versions=versions(),
         source={"checkpoint": loaded.report.source, "kind": loaded.report.kind, "sha256": loaded.report.sha256,
                 "notes": loaded.report.notes, "unused_weights": loaded.report.unused,
-                "randomly_initialized": loaded.report.randomly_initialized},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    files = [p.name for p in staging.iterdir() if p.is_file()]
+                "randomly_initialized": loaded.report.randomly_initialized})
+    for_tensorrt = dict(graphs)  # what TensorRT builds from
+    int8: Int8 | None = None
+    if precision == "fp16":
+        for graph, path in graphs.items():
+            with step(log, f"converting {path.name} to fp16"):
+                to_fp16(fp32[graph], path)
+    elif precision == "int8":
+        int8 = Int8(spec, recipe, options, name, tokenizer, fp32, graphs, staging, log)
+        for_tensorrt = int8.quantize(options.keep_float)
+
+    if evaluation:
+        with step(log, f"measuring PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
+            evaluation.measure(REFERENCE, manifest, staging, TorchBackend(loaded.model))
+    tolerance = recipe.tolerance[precision]
+    with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
+        cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
+    loaded.model.to("meta")  # free its weights before ONNX Runtime loads its own copy: the outputs are all we need
+    give_back_freed_memory()
+    forms = {"onnxruntime": graphs, **({"onnxruntime q/dq": for_tensorrt} if precision == "int8" else {})}
+    results, accuracy_problems = check_forms(forms, cases, spec, tolerance, evaluation, manifest, staging, log)
+    if int8 is not None and evaluation is not None and accuracy_problems:
+        results, accuracy_problems = int8.repair(evaluation, lambda: check_forms(
+            forms, cases, spec, tolerance, evaluation, manifest, staging, log), results, accuracy_problems)
+    # The task metric decides fp16 and int8 where there is one; logit tolerances decide the rest.
+    problems = failures(results) if precision == "fp32" or evaluation is None else []
+    problems += accuracy_problems
+    if int8 is not None:
+        problems = calibration_problems(int8.record, recipe) + problems
+        if problems:
+            int8.record["sensitive_layers"] = int8.ranking()[:5]
+            report_sensitive(int8.record["sensitive_layers"], log)
+
+    tensorrt_record = {"parser_check": tensorrt_check(spec, hf_config, recipe.shape_limits, for_tensorrt, log)}
+    engines: dict[str, dict[str, Any]] = {}
+    if not problems and engines_wanted:
+        engine_results, engine_problems = make_engines(cases, spec, recipe, options, name, for_tensorrt, staging,
+                                                       tensorrt_record, hf_config, evaluation, manifest, log)
+        results, problems = results + engine_results, engine_problems
+        engines = {graph: {"file": graph_file(name, graph, ".plan")} for graph in spec.graphs}
+
+    shutil.rmtree(staging / "fp32", ignore_errors=True)
+    for graph, path in for_tensorrt.items():
+        if path != graphs[graph]:
+            manifest.graphs[graph]["tensorrt_file"] = path.name
+    manifest.validation = summary(results, precision, tolerance, problems)
+    manifest.accuracy = evaluation.record(precision, list(evaluation.results)[1:]) if evaluation else {}
+    manifest.quantization = int8.record if int8 else {}
+    manifest.engines, manifest.tensorrt = engines, tensorrt_record
+    manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    files = [p.name for p in staging.iterdir() if p.is_file() and p.name != f"{name}.json"]
     manifest.record_files(staging, sorted(files))
     manifest.save(staging / f"{name}.json")
     return manifest
 
 
-def make_int8(spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
-              fp32: dict[str, Path], graphs: dict[str, Path], staging: Path, log: Log
-              ) -> tuple[dict[str, Path], dict[str, Any], dict[str, list[dict[str, np.ndarray]]]]:
-    """Calibrate and write both int8 forms of every graph: the Q/DQ one TensorRT builds from, and the
-    dynamic one ONNX Runtime runs fast on CPU (at `graphs`). Returns the Q/DQ paths, what the manifest
-    records, and a few calibration inputs per graph."""
-    data = Path(options.calibration_data or recipe.calibration["data"])
-    samples = options.calibration_samples or recipe.calibration.get("samples", 32)
-    method = options.calibration_method or recipe.calibration.get("method", "minmax")
-    with step(log, f"making calibration inputs from {data}"):
-        feeds = calibration_feeds(spec, recipe, tokenizer, data, samples, fp32)
-    count = len(next(iter(feeds.values())))
-    log(f"  {count} examples (asked for {samples})" if count < samples else f"  {count} examples")
-    qdq = {graph: staging / graph_file(name, graph, ".qdq.onnx") for graph in graphs}
-    for graph, path in graphs.items():
-        with step(log, f"calibrating ({method}) and quantizing {qdq[graph].name} (Q/DQ, for TensorRT)"):
-            to_int8_qdq(fp32[graph], qdq[graph], feeds[graph], method, options.keep_float, log)
-        with step(log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):
-            to_int8_dynamic(fp32[graph], path, options.keep_float)
-    specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS.values()}
-    ids = {int(i) for f in next(iter(feeds.values())) for i in np.unique(f["input_ids"])} - specials
-    record = {"method": method, "samples": count, "distinct_tokens": len(ids), "data": str(data),
-              "data_sha256": sha256_of(data),
-              "kept_float": options.keep_float,
-              "forms": {"onnxruntime": "dynamic: s8 weights per channel, u8 activations quantized per call "
-                                       "(DynamicQuantizeLinear + MatMulInteger)",
-                        "tensorrt": "static Q/DQ: s8 symmetric, weights per channel, activations per tensor, "
-                                    "zero points 0; MatMul/Gemm inputs only"}}
-    return qdq, record, {graph: f[:4] for graph, f in feeds.items()}
+def check_forms(forms: dict[str, dict[str, Path]], cases: list[Case], spec: HeadSpec, tolerance: dict[str, float],
+                evaluation: Evaluation | None, manifest: Manifest, staging: Path, log: Log
+                ) -> tuple[list[Comparison], list[str]]:
+    """Each form's outputs against PyTorch's (logits), and its task accuracy where there is an
+    evaluation set; returns the comparisons and the accuracy problems."""
+    results = []
+    for backend, paths in forms.items():
+        with step(log, f"validating ({backend}, CPU) against PyTorch"):
+            results += validate(cases, {graph: ort_runner(path) for graph, path in paths.items()}, spec, tolerance,
+                                backend)
+        if evaluation:
+            with step(log, f"measuring {backend}'s task accuracy"):
+                evaluation.measure(backend, manifest, staging, OnnxRuntimeBackend(paths, ["CPUExecutionProvider"]))
+    log(table(results))
+    if not evaluation:
+        return results, []
+    if manifest.precision != "fp32":
+        log(f"  ({manifest.precision}: agreement with PyTorch's outputs is reported above; the task metric decides)")
+    log(evaluation.table())
+    return results, evaluation.problems(manifest.precision, list(forms))
+
+
+class Int8:
+    """The int8 forms of every graph, calibrated once and re-quantized as layers are kept in float: the
+    Q/DQ one TensorRT builds from, and the dynamic one ONNX Runtime runs fast on CPU (at `graphs`)."""
+
+    def __init__(self, spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
+                 fp32: dict[str, Path], graphs: dict[str, Path], staging: Path, log: Log):
+        self.fp32, self.graphs, self.log = fp32, graphs, log
+        data = Path(options.calibration_data or recipe.calibration["data"])
+        samples = options.calibration_samples or recipe.calibration.get("samples", 32)
+        self.method = options.calibration_method or recipe.calibration.get("method", "minmax")
+        with step(log, f"making calibration inputs from {data}"):
+            self.feeds = calibration_feeds(spec, recipe, tokenizer, data, samples, fp32)
+        if self.method != "minmax":  # histograms need one shape (minmax takes each input as it is)
+            pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
+            self.feeds = {graph: calibration.same_shapes(f, spec.padding_side == "left", pad)
+                          for graph, f in self.feeds.items()}
+        count = len(next(iter(self.feeds.values())))
+        log(f"  {count} examples (asked for {samples})" if count < samples else f"  {count} examples")
+        self.qdq = {graph: staging / graph_file(name, graph, ".qdq.onnx") for graph in graphs}
+        self.forced = list(options.keep_float)
+        specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS.values()}
+        ids = {int(i) for f in next(iter(self.feeds.values())) for i in np.unique(f["input_ids"])} - specials
+        self.record: dict[str, Any] = {
+            "method": self.method, "samples": count, "distinct_tokens": len(ids), "data": str(data),
+            "data_sha256": sha256_of(data), "kept_float": self.forced, "repair": [], "repaired_layers": [],
+            "forms": {"onnxruntime": "dynamic: s8 weights per channel (7-bit range), u8 activations quantized per call "
+                                     "(DynamicQuantizeLinear + MatMulInteger)",
+                      "tensorrt": "static Q/DQ: s8 symmetric, weights per channel, activations per tensor, "
+                                  "zero points 0; MatMul/Gemm inputs only"}}
+        self._ranking: list[dict[str, Any]] | None = None
+
+    def quantize(self, keep_float: list[str]) -> dict[str, Path]:
+        """Write both forms with `keep_float` (module-path globs) left in float; returns the Q/DQ paths."""
+        for graph, path in self.graphs.items():
+            with step(self.log, f"calibrating ({self.method}) and quantizing {self.qdq[graph].name} (Q/DQ, for TensorRT)"):
+                to_int8_qdq(self.fp32[graph], self.qdq[graph], self.feeds[graph], self.method, keep_float, self.log)
+            with step(self.log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):
+                to_int8_dynamic(self.fp32[graph], path, keep_float)
+        self.record["kept_float"] = keep_float
+        return self.qdq
+
+    def ranking(self) -> list[dict[str, Any]]:
+        """Every quantized layer, the one losing most to int8 first (signal-to-quantization-noise)."""
+        if self._ranking is None:
+            with step(self.log, "measuring each quantized layer's loss to int8"):
+                self._ranking = sorted((dict(row, graph=graph) for graph, path in self.qdq.items()
+                                        for row in sensitive_layers(path, self.feeds[graph][:4], top=None)),
+                                       key=lambda row: row["sqnr_db"])
+        return self._ranking
+
+    def repair(self, evaluation: Evaluation, check: Callable[[], tuple[list[Comparison], list[str]]],
+               results: list[Comparison], problems: list[str]) -> tuple[list[Comparison], list[str]]:
+        """Put the layers that lose most to int8 back in float one at a time, re-quantizing and
+        re-measuring, until the accuracy bound holds or more than a quarter of the products would be float."""
+        kept = list(self.forced)
+        fp32 = onnx.load(str(next(iter(self.fp32.values()))), load_external_data=False)
+        total = len(quantizable_nodes(fp32))
+
+        def note(layer: str | None) -> None:
+            self.record["repair"].append({"kept_float": list(kept), "float_products": total - len(chosen_nodes(fp32, kept)),
+                                          "metric": {form: scores[evaluation.metric]
+                                                     for form, scores in evaluation.results.items()}})
+            if layer:
+                self.record["repaired_layers"].append(layer)
+
+        note(None)  # where int8 started
+        for layer in dict.fromkeys(row["layer"] for row in self.ranking() if row["layer"] not in kept):
+            floats = total - len(chosen_nodes(fp32, [*kept, layer]))
+            if floats > total / 4:
+                problems.append(f"int8 repair stopped: keeping {layer} in float too would leave {floats} of "
+                                f"{total} matrix products in float (more than a quarter)")
+                break
+            kept.append(layer)
+            self.log(f"- int8 misses its accuracy bound: keeping {layer} in float ({floats} of {total} products)")
+            self.quantize(kept)
+            results, problems = check()
+            note(layer)
+            if not problems:
+                break
+        return results, problems
 
 
 def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, data: Path, samples: int,
@@ -341,17 +426,12 @@ def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, data
     return {graph: [p[graph] for p in pairs] for graph in spec.graphs}
 
 
-def report_sensitive(probes: dict[str, list[dict[str, np.ndarray]]], qdq: dict[str, Path], log: Log
-                     ) -> list[dict[str, Any]]:
+def report_sensitive(layers: list[dict[str, Any]], log: Log) -> None:
     """Name the layers int8 hurts most, and how to keep them in float."""
-    with step(log, "finding the layers int8 hurts most"):
-        layers = [dict(row, graph=graph) for graph, path in qdq.items() for row in sensitive_layers(path, probes[graph])]
-    layers.sort(key=lambda row: row["sqnr_db"])
     log("  layers losing most to int8 (signal-to-quantization-noise, dB; lower is worse): "
-        + ", ".join(f"{row['layer']} {row['sqnr_db']}" for row in layers[:5]))
+        + ", ".join(f"{row['layer']} {row['sqnr_db']}" for row in layers))
     if layers:
         log(f"  keep layers in float with --keep-float PATTERN, e.g. --keep-float '{layers[0]['layer']}'")
-    return layers[:5]
 
 
 def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, list[int]], graphs: dict[str, Path],
@@ -370,9 +450,9 @@ def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, lis
 
 def make_engines(cases: list[Case], spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str,
                  sources: dict[str, Path], staging: Path, record: dict[str, Any], hf_config: dict[str, Any],
-                 log: Log) -> list[Comparison]:
-    """Build NAME.plan (per graph) into `staging`, noting in `record` what built them, and validate them
-    against PyTorch like the ONNX graphs."""
+                 evaluation: Evaluation | None, manifest: Manifest, log: Log) -> tuple[list[Comparison], list[str]]:
+    """Build NAME.plan (per graph) into `staging`, noting in `record` what built them, and check them
+    against PyTorch like the ONNX graphs; returns the comparisons and the problems that fail the build."""
     problems = record["parser_check"]["problems"]
     if problems:
         raise UserError(f"TensorRT's ONNX parser would refuse this graph: {'; '.join(problems[:3])}")
@@ -385,9 +465,15 @@ def make_engines(cases: list[Case], spec: HeadSpec, recipe: Recipe, options: Bui
     runners = {graph: partial(backend.run, graph) for graph in sources}
     with step(log, "validating the TensorRT engines against PyTorch"):
         results = validate(cases, runners, spec, recipe.tolerance[options.precision], "tensorrt")
-    backend.close()
     log(table(results))
-    return results
+    problems = failures(results) if evaluation is None or options.precision == "fp32" else []
+    if evaluation is not None:
+        with step(log, "measuring the TensorRT engines' task accuracy"):
+            evaluation.measure("tensorrt", manifest, staging, backend)
+        log(evaluation.table())
+        problems += evaluation.problems(options.precision, ["tensorrt"])
+    backend.close()
+    return results, problems
 
 
 def calibration_problems(quantization: dict[str, Any], recipe: Recipe) -> list[str]:

@@ -19,6 +19,7 @@ from runtime.files import read_json, sha256_of, write_atomically
 from runtime.heads import HEADS
 from runtime.manifest import Manifest
 
+from . import demo
 from .build import BuildOptions, Log, ValidationFailed, build, versions
 from .recipes import PRECISIONS, RECIPES_DIR, load_recipe
 
@@ -36,8 +37,8 @@ def recipe_files(recipes: Path, heads: list[str] | None) -> dict[str, Path]:
 
 def checkpoint_digest(checkpoint: str) -> str:
     """What identifies the checkpoint's contents without loading it."""
-    if checkpoint == "demo":
-        return "demo:" + sha256_of(Path(__file__).parent / "demo" / "vocab.txt")
+    if checkpoint == "demo-random":
+        return "demo-random:" + sha256_of(demo.VOCAB)
     path = Path(checkpoint.removeprefix("random:"))
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     missing = [f for f in files if not f.exists()]
@@ -48,8 +49,9 @@ def checkpoint_digest(checkpoint: str) -> str:
 
 def fingerprint(options: BuildOptions, recipe_path: Path) -> str:
     recipe = load_recipe(options.head, recipe_path)
-    parts = {"checkpoint": checkpoint_digest(options.checkpoint or recipe.checkpoint),
-             "recipe": sha256_of(RECIPES_DIR / "defaults.toml", recipe_path),
+    data = [Path(p) for p in (recipe.calibration.get("data"), recipe.evaluation.get("data")) if p and p != "none"]
+    parts = {"checkpoint": checkpoint_digest(demo.resolve(options.checkpoint or recipe.checkpoint, options.head)),
+             "recipe": sha256_of(RECIPES_DIR / "defaults.toml", recipe_path, *(p for p in data if p.is_file())),
              "options": repr(replace(options, out=Path("."))), "versions": versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -9,7 +9,6 @@ batch 1 each, so the same data always calibrates the same way.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,15 +16,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.errors import UserError
-from runtime.heads import HeadSpec
+from runtime.files import json_lines
+from runtime.heads import HeadSpec, field_problem, parse_field
 
 Example = dict[str, Any]  # field -> a text, or a list of texts for a "[]" field
 Feed = dict[str, np.ndarray]
-
-
-def _field(declared: str) -> tuple[str, bool, bool]:
-    """"choices[]" -> ("choices", required, is a list); "text_pair?" -> ("text_pair", optional, text)."""
-    return declared.rstrip("?").removesuffix("[]"), not declared.endswith("?"), declared.endswith("[]")
 
 
 def read_examples(path: Path, spec: HeadSpec, count: int, choices: int) -> list[Example]:
@@ -36,9 +31,9 @@ def read_examples(path: Path, spec: HeadSpec, count: int, choices: int) -> list[
         raise UserError(f"--calibration-samples must be at least 1, got {count}")
     lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     lines = [line for line in lines if line]
-    fields = [_field(f) for f in spec.fields]
+    fields = [parse_field(f) for f in spec.fields]
     if path.suffix == ".jsonl":
-        examples = [_json_example(path, number, line, fields) for number, line in enumerate(lines, 1)]
+        examples = [_json_example(path, number, item, spec) for number, item in json_lines(path, "")]
     elif path.suffix == ".txt":
         required = [(name, is_list) for name, needed, is_list in fields if needed]
         per_example = sum(choices if is_list else 1 for _, is_list in required)
@@ -55,30 +50,18 @@ def read_examples(path: Path, spec: HeadSpec, count: int, choices: int) -> list[
     return examples[:count]
 
 
-def _json_example(path: Path, number: int, line: str, fields: list[tuple[str, bool, bool]]) -> Example:
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{number}: not JSON ({err.msg})") from None
-    if not isinstance(item, dict):
-        raise UserError(f"{path}:{number}: expected an object with {', '.join(f for f, _, _ in fields)}")
-    example: Example = {}
-    for name, needed, is_list in fields:
-        value = item.get(name)
-        if value is None and not needed:
-            continue
-        ok = (isinstance(value, list) and value and all(isinstance(v, str) for v in value)) if is_list \
-            else isinstance(value, str)
-        if not ok:
-            raise UserError(f"{path}:{number}: field {name!r} must be {'a list of texts' if is_list else 'a text'}")
-        example[name] = value
-    return example
+def _json_example(path: Path, number: int, item: dict[str, Any], spec: HeadSpec) -> Example:
+    problem = field_problem(item, spec)
+    if problem:
+        raise UserError(f"{path}:{number}: {problem}")
+    names = (parse_field(f)[0] for f in spec.fields)
+    return {name: item[name] for name in names if item.get(name) is not None}
 
 
 def encoder_feed(example: Example, spec: HeadSpec, tokenizer: Tokenizer, limits: dict[str, list[int]],
                  pad_id: int) -> Feed:
     """input_ids / attention_mask / token_type_ids of batch 1 ([1, choices, sequence] for choices)."""
-    names = [_field(f)[0] for f in spec.fields]
+    names = [parse_field(f)[0] for f in spec.fields]
     first, second = example[names[0]], example.get(names[1]) if len(names) > 1 else None
     if isinstance(second, list):  # one row per choice
         encodings = [tokenizer.encode(first, choice) for choice in second[:limits["choices"][2]]]
@@ -116,6 +99,26 @@ def causal_feeds(example: Example, tokenizer: Tokenizer, limits: dict[str, list[
 def _causal_feed(ids: list[int], start: int) -> Feed:
     return {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
             "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None]}
+
+
+def same_shapes(feeds: list[Feed], left: bool, pad_id: int) -> list[Feed]:
+    """The inputs padded to one shape, as rows of one padded batch are (masked out; the causal LM's on
+    the left, with a zero cache before its past): ONNX Runtime's histogram calibrators (entropy,
+    percentile) stack each tensor over all inputs."""
+    def axis(name: str) -> int:
+        return 2 if name.startswith("past_key_values.") else -1
+
+    sizes = {name: max(f[name].shape[axis(name)] for f in feeds) for name in feeds[0]}
+    padded = []
+    for feed in feeds:
+        out = {}
+        for name, value in feed.items():
+            widths = [(0, 0)] * value.ndim
+            extra = sizes[name] - value.shape[axis(name)]
+            widths[axis(name)] = (extra, 0) if left else (0, extra)
+            out[name] = np.pad(value, widths, constant_values=pad_id if name == "input_ids" else 0)
+        padded.append(out)
+    return padded
 
 
 def truncating(tokenizer: Tokenizer, max_length: int) -> Tokenizer:

@@ -52,6 +52,8 @@ def parser() -> Parser:
                        "(default: the recipe's)")
     b.add_argument("--allow-random-head", action="store_true", help="randomly initialize head weights the "
                    "checkpoint lacks (e.g. a base checkpoint built as qa) instead of failing")
+    b.add_argument("--eval-data", metavar="FILE|none", help="task-accuracy evaluation set: a .jsonl with the "
+                   "head's fields and gold answers (default: the recipe's; none: judge by logits alone)")
     q = b.add_argument_group("int8")
     q.add_argument("--calibration-data", metavar="FILE", help="representative text: a .txt of lines, or a .jsonl "
                    "with the head's fields, e.g. question/context for qa (default: the recipe's corpus)")
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_choices=args.max_choices, max_past=args.max_past,
                            allow_random_head=args.allow_random_head, calibration_data=args.calibration_data,
                            calibration_method=args.calibration_method, calibration_samples=args.calibration_samples,
-                           keep_float=args.keep_float, backend=args.backend,
+                           keep_float=args.keep_float, eval_data=args.eval_data, backend=args.backend,
                            engine=engine_options(args)))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

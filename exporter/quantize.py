@@ -5,7 +5,8 @@ Two forms, because the fast int8 form differs by backend:
   accepts only symmetric int8 (zero points 0): weights per output channel, activations per tensor. Only
   MatMul/Gemm inputs are quantized; LayerNorm, Softmax, GELU and the residual adds stay in float.
   TensorRT >= 10.12 builds precision from these nodes (no calibrator, no INT8 flag).
-- `dynamic`: what ONNX Runtime runs fast on CPU: s8 weights with u8 activations quantized per call
+- `dynamic`: what ONNX Runtime runs fast on CPU: s8 weights (7-bit range, so CPUs without VNNI do not
+  overflow) with u8 activations quantized per call
   (DynamicQuantizeLinear + MatMulInteger). On CPUs without VNNI, s8/s8 Q/DQ runs no faster than fp32.
 
 Nodes are named for `--keep-float` and in reports by the PyTorch module they come from
@@ -139,25 +140,29 @@ def to_int8_dynamic(source: Path, target: Path, keep_float: list[str]) -> list[P
     """Write the dynamically quantized graph (u8 activations, s8 weights) ONNX Runtime runs fast on CPU."""
     model = onnx.load(str(source), load_external_data=False)
     with quiet():
+        # reduce_range: 7-bit weights. CPUs without VNNI (AVX2 only) multiply u8 by s8 in pairs summed
+        # into 16 bits, which full-range weights overflow (seen here: a KV cache's cosine 0.985 -> 0.99+).
         quantize_dynamic(str(source), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                         reduce_range=True,
                          weight_type=QuantType.QInt8, nodes_to_quantize=chosen_nodes(model, keep_float),
                          use_external_data_format=_large(source))
     check_graph(target)
     return written(target)
 
 
-def sensitive_layers(qdq: Path, feeds: list[Feed], top: int = 5) -> list[dict[str, float | str]]:
-    """The quantized layers whose inputs lose most to quantization on `feeds`: signal-to-quantization-
-    noise ratio in dB (lower is worse) of each Q/DQ pair, grouped by the module its consumers belong to."""
+def sensitive_layers(qdq: Path, feeds: list[Feed], top: int | None = 5) -> list[dict[str, float | str]]:
+    """The quantized layers whose inputs lose most to quantization on `feeds`, worst first (the `top`
+    of them; None: all): signal-to-quantization-noise ratio in dB (lower is worse) of each Q/DQ pair,
+    charged to every module that reads it."""
     model = onnx.load(str(qdq), load_external_data=False)
-    layers: dict[str, str] = {}  # tensor -> the module of the MatMul that reads it (else that makes it)
+    layers: dict[str, list[str]] = {}  # tensor -> the modules of the products that read it (else that makes it)
     for node in model.graph.node:
         if node.op_type in QUANTIZED_OPS:
             for name in node.input:
-                layers.setdefault(name.removesuffix("_DequantizeLinear_Output"), module_path(node))
+                layers.setdefault(name.removesuffix("_DequantizeLinear_Output"), []).append(module_path(node))
     for node in model.graph.node:
         for name in node.output:
-            layers.setdefault(name, module_path(node))
+            layers.setdefault(name, [module_path(node)])
     with tempfile.TemporaryDirectory() as scratch:
         augmented = Path(scratch) / "augmented.onnx"
         qdq_loss_debug.modify_model_output_intermediate_tensors(
@@ -167,7 +172,7 @@ def sensitive_layers(qdq: Path, feeds: list[Feed], top: int = 5) -> list[dict[st
     worst: dict[str, float] = {}
     for tensor, match in qdq_loss_debug.create_activation_matching(activations).items():
         sqnr = qdq_loss_debug.compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"])
-        layer = layers.get(tensor, tensor)
-        worst[layer] = min(worst.get(layer, np.inf), float(sqnr))
+        for layer in layers.get(tensor, [tensor]):  # an input shared by several products hurts each of them
+            worst[layer] = min(worst.get(layer, np.inf), float(sqnr))
     ranked = sorted(worst.items(), key=lambda item: item[1])[:top]
     return [{"layer": layer, "sqnr_db": round(sqnr, 2)} for layer, sqnr in ranked]

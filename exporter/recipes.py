@@ -32,6 +32,8 @@ class Recipe:
     task: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)  # data (a .jsonl) and the deciding metric
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> {"max_drop": points}
 
     @property
     def spec(self) -> HeadSpec:
@@ -96,7 +98,8 @@ def load_recipe(head: str, path: str | Path | None = None) -> Recipe:
     path = Path(path) if path is not None else RECIPES_DIR / f"{head}.toml"
     data = _merge(_read_toml(RECIPES_DIR / "defaults.toml"), _read_toml(path))
     data.pop("head", None)
-    unknown = set(data) - {"checkpoint", "tokenizer", "shape_limits", "tolerance", "calibration", "task", "demo"}
+    unknown = set(data) - {"checkpoint", "tokenizer", "shape_limits", "tolerance", "calibration", "task", "demo",
+                           "evaluation", "accuracy"}
     if unknown:
         raise UserError(f"{path}: unknown recipe keys: {', '.join(sorted(unknown))}")
     # Relative paths in a recipe are relative to the recipe that names them.
@@ -105,8 +108,9 @@ def load_recipe(head: str, path: str | Path | None = None) -> Recipe:
         if isinstance(value, str) and value != "demo":
             prefix = "random:" if value.startswith("random:") else ""
             data[key] = prefix + str((path.parent / value.removeprefix(prefix)).resolve())
-    if "data" in data.get("calibration", {}):
-        data["calibration"]["data"] = str((RECIPES_DIR / data["calibration"]["data"]).resolve())
+    for section in ("calibration", "evaluation"):  # data files named in defaults.toml or a recipe beside it
+        if "data" in data.get(section, {}) and data[section]["data"] != "none":
+            data[section]["data"] = str((RECIPES_DIR / data[section]["data"]).resolve())
     recipe = Recipe(head=head, **data)
     _check(recipe, path)
     return recipe
@@ -124,6 +128,11 @@ def _check(recipe: Recipe, path: Path) -> None:
         if not ok:
             raise UserError(f"{path}: shape_limits.{axis} must be [min, opt, max] with 1 <= min <= opt <= max, "
                             f"got {limits!r}")
+    for precision, bound in recipe.accuracy.items():
+        if precision not in PRECISIONS or not isinstance(bound, dict) or set(bound) != {"max_drop"} \
+                or isinstance(bound["max_drop"], bool) or not isinstance(bound["max_drop"], (int, float)) \
+                or bound["max_drop"] < 0:
+            raise UserError(f"{path}: accuracy.{precision} must be {{max_drop = POINTS}} (a number >= 0), got {bound!r}")
     for precision in PRECISIONS:
         bounds = recipe.tolerance.get(precision)
         if not isinstance(bounds, dict) or not set(bounds) <= set(TOLERANCE_KEYS) or not bounds:

@@ -25,6 +25,22 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def json_lines(path: Path, label: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line of a JSON-lines file; `label` starts each error."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{label}{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict):
+            raise UserError(f"{label}{path}:{number}: expected an object")
+        rows.append((number, item))
+    return rows
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write via a temporary file and a rename, so readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

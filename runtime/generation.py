@@ -108,10 +108,15 @@ class Generator:
                          if name in self.cache})
             outputs = self.session._backend.run("decode", feed, keep=self.cache)
 
-    def _text(self, tokens: list[int]) -> tuple[str, bool]:
-        """The text of the new tokens up to a stop token or stop string, and whether it stopped."""
+    def _text(self, prompt: list[int], tokens: list[int]) -> tuple[str, bool]:
+        """The text of the new tokens up to a stop token or stop string, and whether it stopped. Decoded
+        after the prompt, so a token that continues the prompt's last word joins it instead of
+        showing as a "##" piece."""
         stopped = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
-        text = self.session.tokenizer.decode(tokens[:stopped], skip_special_tokens=True)
+        decode = self.session.tokenizer.decode
+        before = decode(prompt, skip_special_tokens=True)
+        text = decode(prompt + tokens[:stopped], skip_special_tokens=True)
+        text = text[len(before):].lstrip() if text.startswith(before) else decode(tokens[:stopped], skip_special_tokens=True)
         cuts = [text.index(s) for s in self.options.stop if s and s in text]
         return (text[:min(cuts)], True) if cuts else (text, stopped is not None)
 
@@ -121,15 +126,16 @@ class Generator:
         for start in range(0, len(prompts), step):
             chunk = self.prompt_ids(prompts[start:start + step])
             tokens = np.array(list(self.steps(chunk))).T  # [rows, new tokens]
-            texts += [self._text(row.tolist())[0] for row in tokens]
+            texts += [self._text(prompt, row.tolist())[0] for prompt, row in zip(chunk, tokens)]
         return texts
 
     def stream(self, prompt: str) -> Iterator[str]:
         tokens: list[int] = []
         sent = ""
-        for token in self.steps(self.prompt_ids([prompt])):
+        prompt_ids = self.prompt_ids([prompt])
+        for token in self.steps(prompt_ids):
             tokens.append(int(token[0]))
-            text, stopped = self._text(tokens)
+            text, stopped = self._text(prompt_ids[0], tokens)
             if text != sent:  # WordPiece may re-join a word: send only what is new at the end
                 yield text[len(sent):] if text.startswith(sent) else text
                 sent = text

@@ -104,6 +104,25 @@ HEADS: dict[str, HeadSpec] = {head.name: head for head in (
 )}
 
 
+def parse_field(declared: str) -> tuple[str, bool, bool]:
+    """A declared field -> (name, required, is a list): "choices[]" -> ("choices", True, True),
+    "text_pair?" -> ("text_pair", False, False)."""
+    return declared.rstrip("?").removesuffix("[]"), not declared.endswith("?"), declared.endswith("[]")
+
+
+def field_problem(example: dict[str, Any], head: HeadSpec) -> str | None:
+    """What is wrong with an example's texts for `head`'s helper (a missing or mistyped field), or None."""
+    for name, required, is_list in (parse_field(f) for f in head.fields):
+        value = example.get(name)
+        if value is None and not required:
+            continue
+        ok = (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)) if is_list \
+            else isinstance(value, str)
+        if not ok:
+            return f"field {name!r} must be {'a list of texts' if is_list else 'a text'}"
+    return None
+
+
 def model_axes(config: dict[str, Any]) -> dict[str, int]:
     """The sizes of the model axes, from a Hugging Face-style config dict."""
     return {"hidden": config["hidden_size"], "vocab": config["vocab_size"],

@@ -33,6 +33,8 @@ class Manifest:
     tokenizer: dict[str, Any]  # file, max_length, padding_side, special tokens and their ids
     task: dict[str, Any] = field(default_factory=dict)  # defaults for the runtime's task helpers
     validation: dict[str, Any] = field(default_factory=dict)
+    # task accuracy: evaluation data, deciding metric and bound, every form's scores (runtime.evaluation)
+    accuracy: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> {"bytes", "sha256"}
     versions: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)  # int8: calibration method, samples, forms

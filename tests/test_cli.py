@@ -16,7 +16,7 @@ from exporter import cli
 from runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--max-batch", "2", "--max-sequence", "16"]  # quick validation for builds that are not the point
+SMALL = ["--max-batch", "2", "--max-sequence", "16", "--eval-data", "none"]  # quick builds that are not the point
 
 
 def exporter(*args: str) -> subprocess.CompletedProcess:
@@ -39,10 +39,11 @@ def test_readme_main_command_builds_the_demo_qa_artifact(tmp_path):
     assert command == "python -m exporter build --head qa --precision fp16"
     result = exporter(*shlex.split(command)[3:], "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "random" in result.stdout and "--checkpoint" in result.stdout  # says the demo weights are meaningless
     assert "validating" in result.stdout and "start_logits" in result.stdout  # progress and the result table
+    assert "task accuracy (qa.jsonl)" in result.stdout and "exact_match" in result.stdout  # the metric decides fp16
     manifest = Manifest.load(tmp_path / "qa.json")
     assert (manifest.head, manifest.precision, manifest.validation["passed"]) == ("qa", "fp16", True)
+    assert manifest.accuracy["passed"] and manifest.source["checkpoint"].endswith("exporter/demo/qa")
     assert sorted(os.listdir(tmp_path)) == ["qa.json", "qa.onnx", "qa.tokenizer.json"]
 
 
@@ -66,7 +67,7 @@ def test_help_names_every_option():
 @pytest.mark.parametrize("args, words", [
     (["--head", "summarize"], ["invalid choice", "summarize"]),
     (["--head", "qa", "--checkpoint", "/no/such/checkpoint"], ["/no/such/checkpoint"]),
-    (["--head", "qa", "--max-sequence", "1000"], ["max_position_embeddings", "512"]),
+    (["--head", "qa", "--max-sequence", "1000"], ["max_position_embeddings", "128"]),
     (["--head", "qa", "--max-choices", "4"], ["no choices axis"]),
     (["--head", "qa", "--precision", "int8", "--calibration-data", "/no/such.txt"], ["--calibration-data", "no such file"]),
     (["--head", "qa", "--precision", "int8", "--keep-float", "nothing.*"], ["--keep-float", "matches no quantized layer"]),
@@ -115,7 +116,7 @@ def test_interrupted_build_leaves_the_previous_artifact(tmp_path, monkeypatch, c
         raise KeyboardInterrupt
 
     monkeypatch.setattr("exporter.build.validate", interrupt)
-    assert cli.main(["build", "--head", "mlm", "--max-sequence", "8", "--out", str(tmp_path)]) == 130
+    assert cli.main(["build", "--head", "mlm", "--max-sequence", "8", "--eval-data", "none", "--out", str(tmp_path)]) == 130
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no staging dir either
     Manifest.load(tmp_path / "mlm.json").verify_files(tmp_path)
 

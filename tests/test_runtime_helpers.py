@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import TorchBackend, assert_same_result
+from conftest import assert_same_result, torch_backend
 from runtime import Session, UserError
 from runtime.generation import Generator, SamplingOptions
 
@@ -39,7 +39,7 @@ def sessions(built, head):
     manifest_path, _ = built[head]
     onnx_session = Session(manifest_path)
     torch_session = Session(manifest_path)
-    torch_session._backend = TorchBackend(onnx_session.manifest.source["checkpoint"], head)
+    torch_session._backend = torch_backend(onnx_session.manifest.source["checkpoint"], head)
     return onnx_session, torch_session
 
 
