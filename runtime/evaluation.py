@@ -136,8 +136,8 @@ def _causal(session: Session, examples: list[Example], reference: list[Any] | No
     cls = session.special.get("cls")
     batch = session.manifest.shape_limits["batch"][2]
     for example in examples:
-        ids = ([cls] if cls is not None else []) + session.encode([example["text"]], add_special_tokens=False)[0].ids
-        ids = ids[:session.manifest.shape_limits["sequence"][2] + 1]
+        ids = ([cls] if cls is not None else []) + session.tokenizer.encode(example["text"], add_special_tokens=False).ids
+        ids = ids[:session.manifest.shape_limits["sequence"][2] + 1]  # what fits the artifact
         for first in range(1, len(ids), batch):
             ends = range(first, min(first + batch, len(ids)))
             rows, length = len(ends), max(ends)

@@ -76,7 +76,8 @@ def test_large_models_use_external_data(tmp_path, monkeypatch, precision):
     """Past 2 GB the weights go to NAME.onnx.data; shrink the threshold to prove it on a small model."""
     monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_OVER", 0)
     monkeypatch.setattr("exporter.precision.EXTERNAL_DATA_OVER", 0)
-    path = build(BuildOptions(head="base", precision=precision, out=tmp_path, max_batch=2, max_sequence=16),
+    path = build(BuildOptions(head="base", precision=precision, out=tmp_path, max_batch=2, max_sequence=16,
+                              eval_data="none"),
                  log=lambda message: None)
     manifest = Manifest.load(path)
     assert set(manifest.files) == {"base.onnx", "base.onnx.data", "base.tokenizer.json"}

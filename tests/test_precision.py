@@ -64,7 +64,7 @@ def test_int8_artifact(head, built_int8):
     assert manifest.precision == "int8" and manifest.validation["passed"]
     assert {r["backend"] for r in pooled_rows(manifest)} == {"onnxruntime", "onnxruntime q/dq"}
     q = manifest.quantization
-    assert q["method"] == "minmax" and q["samples"] > 1 and q["distinct_tokens"] >= 16
+    assert q["method"] == "entropy" and q["samples"] > 1 and q["distinct_tokens"] >= 16
     assert "MatMulInteger" in q["forms"]["onnxruntime"] and "Q/DQ" in q["forms"]["tensorrt"]
     for graph in manifest.graphs.values():
         dynamic = onnx.load(str(path.parent / graph["file"]))

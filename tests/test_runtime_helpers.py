@@ -130,7 +130,7 @@ def test_greedy_generation_equals_transformers(built):
         stop = expected.index(sep) + 1 if sep in expected else len(expected)
         assert row.tolist()[:stop] == expected[:stop]
     text = session.generate("the sky is", max_new_tokens=7)
-    assert text == session._generator(7, False, 1.0, 0, 1.0, None, ())._text(tokens[0].tolist())[0]
+    assert text == session._generator(7, False, 1.0, 0, 1.0, None, ())._text(prompts[0], tokens[0].tolist())[0]
 
 
 def test_batched_prompts_generate_what_each_generates_alone(built):

@@ -128,7 +128,7 @@ def test_engine_build_and_run(hf_checkpoints, tmp_path, precision):
     from runtime import Session, UserError
 
     path = build(BuildOptions(head="qa", checkpoint=str(hf_checkpoints["qa"][0]), out=tmp_path, precision=precision,
-                              backend="tensorrt", **tiny_limits("qa")), log=print)
+                              backend="tensorrt", eval_data="none", **tiny_limits("qa")), log=print)
     manifest = Manifest.load(path)
     assert manifest.validation["passed"] and "tensorrt" in manifest.validation["backends"]
     assert {"version", "gpu", "compute_capability"} <= set(manifest.tensorrt)
