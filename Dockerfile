@@ -27,9 +27,9 @@ USER app
 WORKDIR /home/app
 CMD ["python3", "-c", "import runtime; print('runtime ready')"]
 
-# The exporter: torch, onnx, polygraphy, TensorRT. Installed in place: recipes/ is read beside the code.
+# The exporter: torch, onnx, polygraphy, TensorRT; recipes and demo checkpoints ship in the package.
 FROM base AS exporter
-RUN python3 -m pip install -e ".[export,gpu]"
+RUN python3 -m pip install ".[export,gpu]" && rm -rf exporter recipes runtime
 USER app
 WORKDIR /artifacts
 ENTRYPOINT ["python3", "-m", "exporter"]

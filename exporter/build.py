@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 
 from runtime import tensorrt_backend
 from runtime.errors import UserError
-from runtime.files import sha256_of
+from runtime.files import read_json, sha256_of
 from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
 from runtime.backends import OnnxRuntimeBackend
 from runtime.manifest import Manifest
@@ -65,6 +65,7 @@ class BuildOptions:
     head: str
     precision: str = "fp32"
     checkpoint: str | None = None  # default: the recipe's
+    config: str | None = None  # a config.json (whole or some fields) over what the checkpoint states
     tokenizer: str | None = None  # default: the recipe's, else found beside the checkpoint
     lowercase: bool | None = None  # for a vocab.txt tokenizer
     out: Path = Path("artifacts")
@@ -115,11 +116,13 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
         raise UserError(f"--name {name!r} must be a plain file name (no directories, not hidden)")
     out = Path(options.out)
     check_writable(out)
-    evaluation = evaluation_for(recipe, options.eval_data)  # a bad evaluation set stops us before any work
+    # A bad evaluation or calibration set stops us before any work.
+    evaluation = evaluation_for(recipe, options.eval_data)
+    calibration_set = read_calibration_set(recipe, options) if options.precision == "int8" else None
 
     checkpoint = demo.resolve(options.checkpoint or recipe.checkpoint, options.head)
     with step(log, f"loading the {options.head} head from {checkpoint}"):
-        loaded = load_model(options.head, checkpoint, recipe, options.allow_random_head)
+        loaded = load_model(options.head, checkpoint, recipe, options.allow_random_head, options.config)
     report_load(loaded, log)
     recipe, notes = recipe.fit_to(loaded.config, explicit)
     for note in notes:
@@ -133,7 +136,8 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
-        manifest = make_artifact(loaded, recipe, options, name, tokenizer, evaluation, staging, engines_wanted, log)
+        manifest = make_artifact(loaded, recipe, options, name, tokenizer, evaluation, calibration_set, staging,
+                                 engines_wanted, log)
         if not manifest.validation["passed"]:
             failed = out / f"{name}.failed"
             shutil.rmtree(failed, ignore_errors=True)
@@ -175,13 +179,18 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: cannot write to {existing} (permission denied)")
 
 
-def load_model(head: str, checkpoint: str, recipe: Recipe, allow_random_head: bool) -> LoadedModel:
+def load_model(head: str, checkpoint: str, recipe: Recipe, allow_random_head: bool,
+               config: str | None = None) -> LoadedModel:
     """`checkpoint` is a path, "demo-random", or "random:CONFIG.json" (seeded random weights of that config)."""
+    if config is not None and (checkpoint == "demo-random" or checkpoint.startswith("random:")):
+        raise UserError(f"--config applies to a checkpoint's weights; {checkpoint} has none (random:CONFIG.json "
+                        "takes its config)")
     if checkpoint == "demo-random":
         return demo.random_demo_model(head, recipe.demo.get("labels"))
     if checkpoint.startswith("random:"):
         return checkpoints.random_model(head, MegatronBertConfig.from_json_file(checkpoint.removeprefix("random:")))
-    return checkpoints.load(head, checkpoint, allow_random_head=allow_random_head)
+    given = read_json(Path(config), "config (--config)") if config is not None else None
+    return checkpoints.load(head, checkpoint, config=given, allow_random_head=allow_random_head)
 
 
 def report_load(loaded: LoadedModel, log: Log) -> None:
@@ -223,7 +232,8 @@ def give_back_freed_memory() -> None:
 
 
 def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
-                  evaluation: Evaluation | None, staging: Path, engines_wanted: bool, log: Log) -> Manifest:
+                  evaluation: Evaluation | None, calibration_set: CalibrationSet | None, staging: Path,
+                  engines_wanted: bool, log: Log) -> Manifest:
     """Write the graphs (and engines), tokenizer and manifest of one artifact into `staging`."""
     spec, config, precision = recipe.spec, loaded.config, options.precision
     hf_config = config.to_hf_dict()
@@ -259,9 +269,9 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
         for graph, path in graphs.items():
             with step(log, f"converting {path.name} to fp16"):
                 to_fp16(fp32[graph], path)
-    elif precision == "int8":
-        int8 = Int8(spec, recipe, options, name, tokenizer, fp32, graphs, staging, log)
-        for_tensorrt = int8.quantize(options.keep_float)
+    elif calibration_set is not None:
+        int8 = Int8(spec, recipe, calibration_set, name, tokenizer, fp32, graphs, staging, log)
+        for_tensorrt = int8.quantize(int8.forced)
 
     if evaluation:
         with step(log, f"measuring PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
@@ -330,18 +340,33 @@ def check_forms(forms: dict[str, dict[str, Path]], cases: list[Case], spec: Head
     return results, evaluation.problems(manifest.precision, list(forms))
 
 
+@dataclass(frozen=True)
+class CalibrationSet:
+    data: Path
+    asked: int  # examples asked for (the file may hold fewer)
+    method: str  # minmax, entropy or percentile
+    examples: list[calibration.Example]
+    keep_float: list[str]  # module-path globs kept in float from the start
+
+
+def read_calibration_set(recipe: Recipe, options: BuildOptions) -> CalibrationSet:
+    data = Path(options.calibration_data or recipe.calibration["data"])
+    asked = options.calibration_samples or recipe.calibration.get("samples", 32)
+    examples = calibration.read_examples(data, recipe.spec, asked, recipe.shape_limits.get("choices", [0, 4, 0])[1])
+    return CalibrationSet(data, asked, options.calibration_method or recipe.calibration.get("method", "minmax"),
+                          examples, list(options.keep_float))
+
+
 class Int8:
     """The int8 forms of every graph, calibrated once and re-quantized as layers are kept in float: the
     Q/DQ one TensorRT builds from, and the dynamic one ONNX Runtime runs fast on CPU (at `graphs`)."""
 
-    def __init__(self, spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
+    def __init__(self, spec: HeadSpec, recipe: Recipe, chosen: CalibrationSet, name: str, tokenizer: Tokenizer,
                  fp32: dict[str, Path], graphs: dict[str, Path], staging: Path, log: Log):
         self.fp32, self.graphs, self.log = fp32, graphs, log
-        data = Path(options.calibration_data or recipe.calibration["data"])
-        samples = options.calibration_samples or recipe.calibration.get("samples", 32)
-        self.method = options.calibration_method or recipe.calibration.get("method", "minmax")
+        data, samples, self.method = chosen.data, chosen.asked, chosen.method
         with step(log, f"making calibration inputs from {data}"):
-            self.feeds = calibration_feeds(spec, recipe, tokenizer, data, samples, fp32)
+            self.feeds = calibration_feeds(spec, recipe, tokenizer, chosen.examples, fp32)
         if self.method != "minmax":  # histograms need one shape (minmax takes each input as it is)
             pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
             self.feeds = {graph: calibration.same_shapes(f, spec.padding_side == "left", pad)
@@ -349,7 +374,7 @@ class Int8:
         count = len(next(iter(self.feeds.values())))
         log(f"  {count} examples (asked for {samples})" if count < samples else f"  {count} examples")
         self.qdq = {graph: staging / graph_file(name, graph, ".qdq.onnx") for graph in graphs}
-        self.forced = list(options.keep_float)
+        self.forced = chosen.keep_float
         specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS.values()}
         ids = {int(i) for f in next(iter(self.feeds.values())) for i in np.unique(f["input_ids"])} - specials
         self.record: dict[str, Any] = {
@@ -412,10 +437,9 @@ class Int8:
         return results, problems
 
 
-def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, data: Path, samples: int,
+def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, examples: list[calibration.Example],
                       fp32: dict[str, Path]) -> dict[str, list[dict[str, np.ndarray]]]:
     limits = recipe.shape_limits
-    examples = calibration.read_examples(data, spec, samples, limits.get("choices", [0, 4, 0])[1])
     cutting = calibration.truncating(tokenizer, limits["sequence"][2])
     pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
     if "prefill" not in spec.graphs:

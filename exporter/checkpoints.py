@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from runtime.errors import UserError
-from runtime.files import sha256_of
+from runtime.files import read_json, sha256_of
 
 from .config import MegatronBertConfig
 from .model import HeadModel, build_head, init_weights
@@ -212,31 +212,35 @@ def rename_megatron(name: str) -> str | None:
     return name
 
 
-def megatron_config(tensors: StateDict, args: Any) -> tuple[MegatronBertConfig, list[str]]:
-    """The config stored in the checkpoint's args; what is absent is read off the tensor shapes."""
-    notes = []
+def megatron_config(tensors: StateDict, args: Any, given: dict[str, Any], source: Path) -> MegatronBertConfig:
+    """The config the checkpoint states (tensor shapes, stored args) with `given` (a user's config.json,
+    whole or partial) over it. The weights cannot tell the head count: it must be stated somewhere."""
     words = tensors["language_model.embedding.word_embeddings.weight"]
-    values: dict[str, Any] = {
+    stated: dict[str, Any] = {
         "vocab_size": words.shape[0], "hidden_size": words.shape[1],
         "max_position_embeddings": tensors["language_model.embedding.position_embeddings.weight"].shape[0],
         "num_hidden_layers": len({k.split(".")[3] for k in tensors if ".layers." in k}),
     }
     if "language_model.embedding.tokentype_embeddings.weight" in tensors:
-        values["type_vocab_size"] = tensors["language_model.embedding.tokentype_embeddings.weight"].shape[0]
+        stated["type_vocab_size"] = tensors["language_model.embedding.tokentype_embeddings.weight"].shape[0]
     h_to_4h = next((v for k, v in tensors.items() if k.endswith("0.mlp.dense_h_to_4h.weight")), None)
     if h_to_4h is not None:
-        values["intermediate_size"] = h_to_4h.shape[0]
+        stated["intermediate_size"] = h_to_4h.shape[0]
     for arg, name in MEGATRON_ARGS.items():
         if getattr(args, arg, None) is not None:
-            values[name] = getattr(args, arg)
-    if "num_attention_heads" not in values:
-        values["num_attention_heads"] = max(1, values["hidden_size"] // 64)
-        notes.append(f"checkpoint has no args: assumed {values['num_attention_heads']} attention heads "
-                     "(head size 64); pass a config.json to say otherwise")
-    return MegatronBertConfig(**values), notes
+            stated[name] = getattr(args, arg)
+    for name, value in given.items():
+        # A smaller vocabulary is the true one inside Megatron's padded table; anything else must agree.
+        if name in stated and value != stated[name] and not (name == "vocab_size" and value < stated[name]):
+            raise CheckpointError(f"{source}: the config says {name} {value!r}, the checkpoint has {stated[name]!r}")
+    if "num_attention_heads" not in {**stated, **given}:
+        raise CheckpointError(f"{source}: the checkpoint does not state num_attention_heads (no Megatron args in "
+                              "it) and its weights cannot tell it; pass --config CONFIG.json with num_attention_heads "
+                              "(a Hugging Face MegatronBERT config.json, whole or just the fields to set)")
+    return MegatronBertConfig.from_hf_dict({**stated, **given})
 
 
-def read_megatron(file: Path, config: MegatronBertConfig | None) -> tuple[StateDict, MegatronBertConfig, list[str]]:
+def read_megatron(file: Path, given: dict[str, Any]) -> tuple[StateDict, MegatronBertConfig, list[str]]:
     if file.suffix == ".zip":
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -259,8 +263,7 @@ def read_megatron(file: Path, config: MegatronBertConfig | None) -> tuple[StateD
     if "language_model.embedding.word_embeddings.weight" not in tensors:
         raise CheckpointError(f"{file}: not a Megatron BERT checkpoint (no language_model.embedding)")
     notes: list[str] = []
-    if config is None:
-        config, notes = megatron_config(tensors, checkpoint.get("args"))
+    config = megatron_config(tensors, checkpoint.get("args"), given, file)
     version = float(checkpoint.get("checkpoint_version", 0) or 0)
 
     state: StateDict = {}
@@ -319,7 +322,8 @@ def fill_head(model: HeadModel, state: StateDict, source: str, allow_random_head
             raise CheckpointError(f"{source}: encoder weight {name} is missing from the checkpoint")
     if missing and not allow_random_head:
         raise CheckpointError(f"{source}: the checkpoint has no weights for this head ({', '.join(missing)}); "
-                              "allow random head initialization to fine-tune or test it anyway")
+                              "pass --allow-random-head (allow_random_head=True) to initialize them randomly, to "
+                              "fine-tune or test it anyway")
     for name, tensor in expected.items():
         if name in state and state[name].shape != tensor.shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
@@ -330,24 +334,26 @@ def fill_head(model: HeadModel, state: StateDict, source: str, allow_random_head
     return unused, missing
 
 
-def load(head: str, source: str | Path, *, config: MegatronBertConfig | None = None,
+def load(head: str, source: str | Path, *, config: MegatronBertConfig | dict[str, Any] | None = None,
          allow_random_head: bool = False, seed: int = 0) -> LoadedModel:
-    """Build `head` with the weights at `source` (a HF directory, a Megatron .zip or .pt)."""
+    """Build `head` with the weights at `source` (a HF directory, a Megatron .zip or .pt). `config`, a
+    config or just some of its fields (Hugging Face names), overrides what the checkpoint states."""
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (a Hugging Face model directory, "
                               "or a Megatron .zip / model_optim_rng.pt)")
+    given = config.to_hf_dict() if isinstance(config, MegatronBertConfig) else dict(config or {})
     notes: list[str] = []
     if path.is_dir():
         kind = "huggingface"
-        if config is None:
-            if not (path / "config.json").exists():
-                raise CheckpointError(f"{path}: no config.json in this model directory")
-            config = MegatronBertConfig.from_json_file(path / "config.json")
+        if not (path / "config.json").exists() and not given:
+            raise CheckpointError(f"{path}: no config.json in this model directory (or pass --config)")
+        stored = read_json(path / "config.json", "config") if (path / "config.json").exists() else {}
+        config = MegatronBertConfig.from_hf_dict({**stored, **given})
         state, files = read_hf_weights(path)
     elif path.suffix in (".zip", ".pt"):
         kind, files = "megatron", [path]
-        state, config, notes = read_megatron(path, config)
+        state, config, notes = read_megatron(path, given)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected a Hugging Face model directory, "
                               "a Megatron .zip or a .pt)")

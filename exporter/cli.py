@@ -38,8 +38,11 @@ def parser() -> Parser:
                    help=f"one of: {', '.join(HEADS)}")
     b.add_argument("--precision", default="fp32", choices=PRECISIONS, help="default: fp32")
     b.add_argument("--checkpoint", metavar="PATH", help="a Hugging Face model directory or a Megatron .zip / .pt "
-                   "(default: the recipe's). 'demo' is a small built-in model with random weights; "
-                   "'random:CONFIG.json' gives seeded random weights of any config (for benchmarks)")
+                   "(default: the recipe's). 'demo': small models trained here for every head; 'demo-random': the "
+                   "same shape with random weights; 'random:CONFIG.json': seeded random weights of any config")
+    b.add_argument("--config", metavar="FILE", help="a Hugging Face config.json, whole or just some fields, over "
+                   "what the checkpoint states: the head count, activation, epsilon and true vocabulary size "
+                   "that a Megatron checkpoint may not store")
     b.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one "
                    "(default: the one beside the checkpoint)")
     b.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if good else 1
         build(BuildOptions(head=args.head, precision=args.precision, checkpoint=args.checkpoint,
-                           tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
+                           config=args.config, tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
                            recipe=args.recipe, max_batch=args.max_batch, max_sequence=args.max_sequence,
                            max_choices=args.max_choices, max_past=args.max_past,
                            allow_random_head=args.allow_random_head, calibration_data=args.calibration_data,

@@ -69,7 +69,9 @@ def test_help_names_every_option():
     (["--head", "qa", "--checkpoint", "/no/such/checkpoint"], ["/no/such/checkpoint"]),
     (["--head", "qa", "--max-sequence", "1000"], ["max_position_embeddings", "128"]),
     (["--head", "qa", "--max-choices", "4"], ["no choices axis"]),
-    (["--head", "qa", "--precision", "int8", "--calibration-data", "/no/such.txt"], ["--calibration-data", "no such file"]),
+    (["--head", "qa", "--checkpoint", "exporter/demo/base"], ["no weights for this head", "--allow-random-head"]),
+    (["--head", "qa", "--checkpoint", "demo-random", "--config", "x.json"], ["--config", "has none"]),
+    (["--head", "qa", "--config", "/no/such/config.json"], ["/no/such/config.json", "no such config"]),
     (["--head", "qa", "--precision", "int8", "--keep-float", "nothing.*"], ["--keep-float", "matches no quantized layer"]),
     (["--head", "qa", "--name", "../elsewhere"], ["plain file name"]),
 ])
@@ -77,6 +79,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     out = tmp_path / "out"
     assert_user_error(exporter("build", *args, "--out", str(out)), *words)
     assert not out.exists()
+
+
+def test_a_bad_calibration_set_is_refused_before_any_work(tmp_path):
+    result = exporter("build", "--head", "qa", "--precision", "int8", "--calibration-data", "/no/such.txt",
+                      "--out", str(tmp_path))
+    assert_user_error(result, "--calibration-data", "no such file")
+    assert "loading" not in result.stdout and "exporting" not in result.stdout
 
 
 def test_corrupt_checkpoint(tmp_path):

@@ -135,24 +135,26 @@ def test_release_zip_matches_hf(version, encoder, attention, tmp_path, megatron_
         assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, name
 
 
-def test_bare_pt_without_args_and_padded_vocab(tmp_path):
+def test_bare_pt_without_args_is_refused_until_a_config_states_the_head_count(tmp_path):
     config = CONFIGS["tiny"]
     reference = save_hf("pretraining", tmp_path / "hf")
     state = megatron_state(reference.state_dict(), config["num_attention_heads"], 3.0, vocab_pad=64)
     torch.save({"model": state, "checkpoint_version": 3.0}, tmp_path / "model_optim_rng.pt")
 
-    guessed = checkpoints.load("mlm", tmp_path / "model_optim_rng.pt", allow_random_head=True)
-    assert guessed.config.vocab_size == config["vocab_size"] + 64  # the padded table, as stored
-    assert any("assumed" in note for note in guessed.report.notes)
-    assert "cls.seq_relationship.weight" in guessed.report.unused
+    with pytest.raises(checkpoints.CheckpointError, match="num_attention_heads.*--config"):
+        checkpoints.load("pretraining", tmp_path / "model_optim_rng.pt")
 
-    hf_config = MegatronBertConfig.from_json_file(tmp_path / "hf" / "config.json")
-    loaded = checkpoints.load("pretraining", tmp_path / "model_optim_rng.pt", config=hf_config)
+    # Just the fields the checkpoint lacks: the rest (shapes, padded vocabulary cut) comes from the weights.
+    partial = {k: config[k] for k in ("num_attention_heads", "vocab_size")}
+    loaded = checkpoints.load("pretraining", tmp_path / "model_optim_rng.pt", config=partial)
     assert any("cut to" in note for note in loaded.report.notes)
     inputs = padded_batch(config["vocab_size"])
     ours, theirs = our_outputs("pretraining", loaded.model, inputs), hf_outputs("pretraining", reference, inputs)
     for name in ours:
         assert (ours[name] - theirs[name]).abs().max().item() <= 1e-5, name
+
+    with pytest.raises(checkpoints.CheckpointError, match="config says hidden_size 64, the checkpoint has 32"):
+        checkpoints.load("pretraining", tmp_path / "model_optim_rng.pt", config={**partial, "hidden_size": 64})
 
 
 def test_qkv_split_orders():
@@ -161,3 +163,35 @@ def test_qkv_split_orders():
     for version in (0, 1.0, 2.0, 3.0):
         fused = fuse_qkv(q, k, v, heads, version)
         assert [t.tolist() for t in checkpoints.split_qkv(fused, heads, version)] == [q.tolist(), k.tolist(), v.tolist()]
+
+
+def test_cli_builds_a_megatron_zip_with_config_and_refuses_it_without(tmp_path):
+    """The exported graph of `build --checkpoint megatron.zip --config config.json` gives the true model's
+    outputs; without the config, the head count is not guessed (exit 2 naming the field and the flag)."""
+    import json
+    import subprocess
+
+    from runtime import Session
+
+    config = CONFIGS["odd"]
+    reference = save_hf("pretraining", tmp_path / "hf", "odd")
+    state = megatron_state(reference.state_dict(), config["num_attention_heads"], 3.0, "encoder", "self_attention")
+    write_release_zip(tmp_path / "megatron.zip", {"model": state, "checkpoint_version": 3.0})
+    (tmp_path / "config.json").write_text(json.dumps(
+        {k: config[k] for k in ("num_attention_heads", "hidden_act", "layer_norm_eps")}))
+    command = [sys.executable, "-m", "exporter", "build", "--head", "pretraining", "--checkpoint",
+               str(tmp_path / "megatron.zip"), "--tokenizer", str(tmp_path / "hf" / "vocab.txt"),
+               "--max-batch", "2", "--max-sequence", "16", "--eval-data", "none", "--out", str(tmp_path / "out")]
+
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "num_attention_heads" in refused.stderr and "--config" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+    built = subprocess.run([*command, "--config", str(tmp_path / "config.json")], capture_output=True, text=True,
+                           timeout=600)
+    assert built.returncode == 0, built.stderr
+    inputs = padded_batch(config["vocab_size"])
+    outputs = Session(tmp_path / "out" / "pretraining.json").run({k: v.numpy() for k, v in inputs.items()})
+    for name, expected in hf_outputs("pretraining", reference, inputs).items():
+        assert abs(outputs[name] - expected.numpy()).max() <= 1e-4, name
