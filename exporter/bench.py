@@ -304,16 +304,33 @@ def machine() -> dict[str, Any]:
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
     flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    ids = [line.split(":", 1)[1].strip() for line in info if line.startswith(("physical id", "core id"))]
+    cores = set(zip(ids[::2], ids[1::2]))  # (socket, core) per logical processor
     return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
+            "physical_cores": len(cores) or None,  # ONNX Runtime's default thread count
+            "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "onnxruntime_providers": ort.get_available_providers(),
             "tensorrt": tensorrt_backend.usable() or "available"}
 
 
-def run(paths: list[Path], batches: list[int], lengths: list[int], warmup: int, iterations: int,
-        vs_pytorch: bool, new_tokens: int) -> list[Figures]:
+def default_lengths(limits: list[int], plotting: bool) -> list[int]:
+    """128 (or the artifact's max, if lower); for a plot, doublings from 8 up to the max, and the max."""
+    low, _, high = limits
+    if not plotting:
+        return [max(low, min(128, high))]
+    lengths = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if low <= n < high] + [high]
+    if len(lengths) < 2:
+        raise UserError(f"--plot: the artifact takes sequences of {low} to {high} tokens, too few lengths to plot")
+    return lengths
+
+
+def run(paths: list[Path], batches: list[int], asked: list[int] | None, warmup: int, iterations: int,
+        vs_pytorch: bool, new_tokens: int, plotting: bool = False) -> list[Figures]:
+    """Figures of each artifact at each batch x sequence length (`asked`, else `default_lengths`)."""
     results = []
     for path in paths:
         manifest = Manifest.load(find_manifest(path))
+        lengths = asked or default_lengths(manifest.shape_limits["sequence"], plotting)
         for axis, values in (("batch", batches), ("sequence", lengths)):
             low, _, high = manifest.shape_limits[axis]
             outside = [v for v in values if not low <= v <= high]
@@ -352,7 +369,7 @@ def write_json(results: list[Figures], settings: dict[str, Any], path: Path) -> 
 
 
 def plot(results: list[Figures], path: Path) -> None:
-    """Latency (p50) against sequence length, one line per artifact, backend and batch."""
+    """Latency (p50) against sequence length, one line per artifact, backend and batch; the CPU in the title."""
     try:
         import matplotlib
     except ImportError:
@@ -368,6 +385,10 @@ def plot(results: list[Figures], path: Path) -> None:
                   label=f"{key[0]} {key[1]} {key[2]} b{key[3]}")
     axes.set_xlabel("sequence length (tokens)")
     axes.set_ylabel("p50 latency (ms)")
+    axes.set_ylim(bottom=0)
+    here = machine()
+    axes.set_title(f"{here['cpu']}, {here['cores']} cores ({', '.join(here['cpu_flags']) or 'no AVX2'})",
+                   fontsize="small")
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path)

@@ -82,16 +82,16 @@ def parser() -> Parser:
                             "has, on random inputs; with --vs-pytorch, the reference PyTorch head too.")
     m.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help="a manifest, .onnx or .plan")
     m.add_argument("--batch", type=sizes, default=[1], metavar="N,N", help="batch sizes (default: 1)")
-    m.add_argument("--seq", type=sizes, default=[128], metavar="N,N",
-                   help="sequence lengths; prompt lengths for a causal LM (default: 128)")
+    m.add_argument("--seq", type=sizes, metavar="N,N", help="sequence lengths; prompt lengths for a causal LM "
+                   "(default: 128, or the artifact's max if lower; with --plot, 8, 16, 32, ... up to its max)")
     m.add_argument("--iterations", type=int, default=20, metavar="N", help="timed calls per setting (default: 20)")
     m.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls first (default: 3)")
     m.add_argument("--new-tokens", type=int, default=64, metavar="N", help="causal LM: tokens to generate (default: 64)")
     m.add_argument("--vs-pytorch", action="store_true", help="also time the reference PyTorch head (rebuilt from "
                    "the manifest's checkpoint) and show the speedup over it")
     m.add_argument("--json", type=Path, metavar="FILE", help="write the figures with machine, versions and settings")
-    m.add_argument("--plot", type=Path, metavar="FILE.png", help="draw p50 latency against sequence length "
-                   "(needs matplotlib)")
+    m.add_argument("--plot", type=Path, metavar="FILE.png", help="draw p50 latency (ms) against sequence length "
+                   "(tokens), titled with the CPU (needs .[bench]: matplotlib)")
 
     a = commands.add_parser("build-all", help="build every head x precision of a recipe set, with an index",
                             description="Build HEAD-PRECISION artifacts for every recipe in --recipes, continuing "
@@ -141,8 +141,11 @@ def benchmark(args: argparse.Namespace) -> None:
 
     if args.iterations < 1 or args.warmup < 0 or args.new_tokens < 1:
         raise UserError("--iterations and --new-tokens must be at least 1, --warmup at least 0")
+    if args.plot and args.seq is not None and len(set(args.seq)) < 2:
+        raise UserError(f"--plot draws latency against sequence length, and --seq {args.seq[0]} is one length: "
+                        "give two or more (--seq 32,64,128), or leave --seq out for a range")
     results = bench.run(args.artifacts, args.batch, args.seq, args.warmup, args.iterations, args.vs_pytorch,
-                        args.new_tokens)
+                        args.new_tokens, plotting=args.plot is not None)
     print(bench.table(results))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "command"}
     settings["artifacts"] = [str(p) for p in args.artifacts]

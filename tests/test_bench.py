@@ -29,6 +29,17 @@ def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_plot_defaults_to_a_range_of_lengths_and_refuses_one(built, tmp_path, capsys):
+    manifest, picture, out = built["qa"][0], tmp_path / "range.png", tmp_path / "range.json"
+    assert main(["bench", str(manifest), "--iterations", "1", "--warmup", "0", "--plot", str(picture),
+                 "--json", str(out)]) == 0
+    assert sorted({r["sequence"] for r in json.loads(out.read_text())["results"]}) == [8, 16, 32, 48]  # max 48
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["bench", str(manifest), "--seq", "16", "--plot", str(tmp_path / "one.png")]) == 2
+    assert "one length" in capsys.readouterr().err and not (tmp_path / "one.png").exists()
+
+
 def test_bench_int8_measures_its_agreement_with_pytorch(built_int8, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", str(built_int8["qa"][0]), "--seq", "16", "--iterations", "1", "--vs-pytorch",
