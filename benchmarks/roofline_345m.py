@@ -1,11 +1,15 @@
-"""Benchmark: the fastest this machine could run the 345M encoder at all, from its matrix-product peak.
+"""Benchmark: how close each backend runs the 345M encoder to the best this CPU reaches on its products.
 
-The encoder's time is almost all matrix products (ONNX Runtime profile: 91% fp32, 82% int8), so its
-floor is their arithmetic divided by the best rate this CPU reaches: fp32 through PyTorch's GEMM
-(oneDNN/MKL), u8 x s8 int8 through ONNX Runtime's MatMulInteger (VNNI where present). Dividing a
-PyTorch eager time by the floor gives the largest speedup any backend could show over it here.
+The encoder's time is almost all matrix products (ONNX Runtime profile: 91% fp32, 82% int8). Each
+of its products (Q, K, V, attention output, the two FFN layers; attention's scores and weighted sum)
+is timed on its own shape with every library installed here: fp32 through PyTorch (oneDNN/MKL),
+ONNX Runtime's MatMul (MLAS) and numpy (its BLAS); int8 through ONNX Runtime's u8 x s8
+MatMulInteger (VNNI where present), attention's products staying float. The roofline is the sum over
+products of their arithmetic at the fastest rate any library reached on that shape: no backend runs
+the model faster without faster products. Given `bench --json` figures, each backend's p50 is set
+against it.
 
-    python benchmarks/roofline_345m.py [--seq 128] [--pytorch-ms 520]
+    python benchmarks/roofline_345m.py [--seq 128] [--bench benchmarks/results/qa-345m.json]
 """
 
 from __future__ import annotations
@@ -21,69 +25,100 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from exporter.bench import timed
+from exporter.bench import machine, timed
 
 CONFIG = Path(__file__).resolve().parent / "megatron-bert-345m.json"
+Shape = tuple[int, int, int, int]  # (batched copies, m, k, n)
 
 
-def product_flops(config: dict[str, int], sequence: int) -> float:
-    """Multiply-adds x 2 of one sequence's matrix products: Q, K, V, output and the two FFN layers, plus
-    attention's scores and weighted sum."""
-    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    per_token = 4 * hidden * hidden + 2 * hidden * inner + 2 * sequence * hidden
-    return 2.0 * per_token * sequence * layers
+def products(config: dict[str, int], sequence: int) -> dict[str, tuple[Shape, int, bool]]:
+    """Name -> (shape, how many per layer, quantized in the int8 artifact)."""
+    hidden, inner, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    size = hidden // heads
+    return {"Q/K/V": ((1, sequence, hidden, hidden), 3, True),
+            "attention output": ((1, sequence, hidden, hidden), 1, True),
+            "FFN up": ((1, sequence, hidden, inner), 1, True),
+            "FFN down": ((1, sequence, inner, hidden), 1, True),
+            "attention scores": ((heads, sequence, size, sequence), 1, False),
+            "attention x values": ((heads, sequence, sequence, size), 1, False)}
 
 
-def best_rate(run: Callable[[], object], flops: float, repeats: int = 20) -> float:
-    """FLOP/s of the fastest of `repeats` calls, after warm-up."""
-    return flops / float(timed(run, warmup=3, iterations=repeats).min())
+def flops(shape: Shape) -> float:
+    copies, m, k, n = shape
+    return 2.0 * copies * m * k * n
 
 
-def fp32_rate(m: int, k: int, n: int) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    return best_rate(lambda: a @ b, 2.0 * m * k * n)
+def fastest(run: Callable[[], object]) -> float:
+    """Seconds of the fastest of 20 calls, after warm-up."""
+    return float(timed(run, warmup=3, iterations=20).min())
 
 
-def int8_rate(m: int, k: int, n: int) -> float:
-    """ONNX Runtime's u8 x s8 MatMulInteger, the product the dynamic int8 artifact runs."""
-    rng = np.random.default_rng(0)
-    weight = helper.make_tensor("b", TensorProto.INT8, (k, n), rng.integers(-127, 128, (k, n), dtype=np.int8).tobytes(),
-                                raw=True)
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "gemm",
-                              [helper.make_tensor_value_info("a", TensorProto.UINT8, (m, k))],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, (m, n))], [weight])
+def ort_session(node: str, a_type: int, b: np.ndarray, b_type: int, out_type: int, shape: Shape) -> ort.InferenceSession:
+    copies, m, k, n = shape
+    lead = [copies] if copies > 1 else []
+    weight = helper.make_tensor("b", b_type, b.shape, b.tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node(node, ["a", "b"], ["y"])], "product",
+                              [helper.make_tensor_value_info("a", a_type, [*lead, m, k])],
+                              [helper.make_tensor_value_info("y", out_type, [*lead, m, n])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def fp32_rates(shape: Shape) -> dict[str, float]:
+    copies, m, k, n = shape
+    lead = [copies] if copies > 1 else []
+    a, b = torch.randn(*lead, m, k), torch.randn(*lead, k, n)
+    a_np, b_np = a.numpy(), b.numpy()
+    session = ort_session("MatMul", TensorProto.FLOAT, b_np, TensorProto.FLOAT, TensorProto.FLOAT, shape)
+    runs = {"pytorch": lambda: a @ b, "onnxruntime": lambda: session.run(None, {"a": a_np}),
+            "numpy": lambda: a_np @ b_np}
+    return {library: flops(shape) / fastest(run) for library, run in runs.items()}
+
+
+def int8_rates(shape: Shape) -> dict[str, float]:
+    """ONNX Runtime's u8 x s8 MatMulInteger, the product the dynamic int8 artifact runs."""
+    _, m, k, n = shape
+    rng = np.random.default_rng(0)
+    b = rng.integers(-64, 64, (k, n), dtype=np.int8)  # 7-bit weights, as the artifact's
+    session = ort_session("MatMulInteger", TensorProto.UINT8, b, TensorProto.INT8, TensorProto.INT32, shape)
     a = rng.integers(0, 256, (m, k), dtype=np.uint8)
-    return best_rate(lambda: session.run(None, {"a": a}), 2.0 * m * k * n)
+    return {"onnxruntime": flops(shape) / fastest(lambda: session.run(None, {"a": a}))}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--pytorch-ms", type=float, help="a PyTorch eager time to set the floors against")
+    parser.add_argument("--bench", type=Path, help="a `bench --json` file of 345M qa artifacts at batch 1")
     args = parser.parse_args()
     config = json.loads(CONFIG.read_text())
-    hidden, inner = config["hidden_size"], config["intermediate_size"]
-    shapes = {"square 4096": (4096, 4096, 4096), f"Q/K/V/out ({args.seq}x{hidden}x{hidden})": (args.seq, hidden, hidden),
-              f"FFN up ({args.seq}x{hidden}x{inner})": (args.seq, hidden, inner),
-              f"FFN down ({args.seq}x{inner}x{hidden})": (args.seq, inner, hidden)}
-    print(f"{'product':<34} {'fp32 GFLOP/s':>13} {'int8 GOP/s':>11}")
-    peaks = {"fp32": 0.0, "int8": 0.0}
-    for name, shape in shapes.items():
-        fp32, int8 = fp32_rate(*shape), int8_rate(*shape)
-        peaks["fp32"], peaks["int8"] = max(peaks["fp32"], fp32), max(peaks["int8"], int8)
-        print(f"{name:<34} {fp32 / 1e9:>13.1f} {int8 / 1e9:>11.1f}")
-    flops = product_flops(config, args.seq)
-    print(f"\n345M encoder, batch 1, sequence {args.seq}: {flops / 1e9:.1f} GFLOP of matrix products")
-    for precision, peak in peaks.items():
-        floor = flops / peak * 1000
-        line = f"  {precision}: floor {floor:.0f} ms at the best rate above ({peak / 1e9:.0f} G/s)"
-        if args.pytorch_ms:
-            line += f"; at most {args.pytorch_ms / floor:.2f}x faster than PyTorch's {args.pytorch_ms:.0f} ms"
-        print(line)
+    layers = config["num_hidden_layers"]
+    here = machine()
+    print(f"{here['cpu']}, {here['cores']} cores, flags: {', '.join(here['cpu_flags'])}; torch {torch.__version__}, "
+          f"onnxruntime {ort.__version__}, numpy {np.__version__}\n")
+    print(f"{'product (x per layer)':<44} {'GFLOP':>6} {'pytorch':>8} {'onnxrt':>8} {'numpy':>8} {'int8 onnxrt':>12}"
+          "   (G/s)")
+    floors = {"fp32": 0.0, "int8": 0.0}
+    total = 0.0
+    for name, (shape, count, quantized) in products(config, args.seq).items():
+        fp32 = fp32_rates(shape)
+        int8 = int8_rates(shape) if quantized else {}
+        work = flops(shape) * count * layers
+        total += work
+        floors["fp32"] += work / max(fp32.values())
+        floors["int8"] += work / max({**fp32, **int8}.values())
+        label = f"{name} ({'x'.join(map(str, shape[1:]))}{f', {shape[0]} heads' if shape[0] > 1 else ''}) x{count}"
+        print(f"{label:<44} {work / 1e9:>6.1f} {fp32['pytorch'] / 1e9:>8.0f} {fp32['onnxruntime'] / 1e9:>8.0f} "
+              f"{fp32['numpy'] / 1e9:>8.0f} {int8['onnxruntime'] / 1e9 if int8 else float('nan'):>12.0f}")
+    print(f"\n345M encoder, batch 1, sequence {args.seq}: {total / 1e9:.1f} GFLOP of matrix products")
+    for precision, seconds in floors.items():
+        print(f"  {precision} roofline: {seconds * 1000:.0f} ms (each product at the fastest library's rate on its shape)")
+    if args.bench:
+        print(f"\nagainst the roofline ({args.bench}):")
+        for row in json.loads(args.bench.read_text())["results"]:
+            if row["batch"] == 1 and row["sequence"] == args.seq:
+                floor = floors["int8" if row["backend"] != "pytorch eager" and row["precision"] == "int8" else "fp32"]
+                print(f"  {row['artifact']:<10} {row['backend']:<18} {row['precision']:<5} p50 {row['p50_ms']:>7.1f} ms: "
+                      f"{floor * 1000 / row['p50_ms']:.0%} of its roofline's speed")
     return 0
 
 

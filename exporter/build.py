@@ -521,6 +521,19 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def ordinary_file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under 022). Every published file gets
+    it, whichever library wrote it: ONNX Runtime's quantizer leaves its external data private (0600),
+    which a server running as another user could not open."""
+    status = Path("/proc/self/status")
+    umask = next((int(line.split()[1], 8) for line in status.read_text().splitlines() if line.startswith("Umask:")),
+                 None) if status.exists() else None
+    if umask is None:  # no procfs: read it the only other way, by setting it (and putting it back)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def publish(staging: Path, out: Path, manifest: Manifest) -> None:
     """Move a validated artifact into `out`, manifest last; drop files only the old one listed."""
     manifest_name = f"{manifest.name}.json"
@@ -528,7 +541,9 @@ def publish(staging: Path, out: Path, manifest: Manifest) -> None:
         old_files = set(Manifest.load(out / manifest_name).files)
     except UserError:  # no previous artifact (or an unreadable one): nothing of it to tidy
         old_files = set()
+    mode = ordinary_file_mode()
     for name in [*manifest.files, manifest_name]:
+        os.chmod(staging / name, mode)
         os.replace(staging / name, out / name)
     for stale in old_files - set(manifest.files):
         if Path(stale).name == stale:  # only plain names: a manifest never reaches outside `out`

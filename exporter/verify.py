@@ -7,6 +7,7 @@ smallest shapes it takes gives finite outputs on every backend it can use here. 
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,21 @@ def engine_problems(manifest: Manifest) -> list[str]:
     return [problem] if problem else []
 
 
+def private_files(path: Path) -> list[str]:
+    """Warnings for the artifact's files that other users cannot read while their siblings can: a server
+    running as another user than the builder would fail on them."""
+    try:
+        names = [path.name, *Manifest.load(path).files]
+    except UserError:
+        return []
+    modes = {name: (path.parent / name).stat().st_mode for name in names if (path.parent / name).is_file()}
+    if not any(mode & stat.S_IROTH for mode in modes.values()):
+        return []  # a private artifact throughout is a choice, not a slip
+    return [f"{name} is readable by its owner only (mode {stat.S_IMODE(mode):04o}) while the artifact's other files "
+            f"are readable by all: a server running as another user cannot open it; chmod a+r {path.parent / name}"
+            for name, mode in modes.items() if not mode & stat.S_IROTH]
+
+
 def verify_one(path: Path) -> list[str]:
     """What is wrong with the artifact at `path` here (empty: nothing)."""
     try:
@@ -83,4 +99,5 @@ def report(target: Path) -> tuple[str, bool]:
         good &= not problems
         lines.append(f"{'ok  ' if not problems else 'FAIL'} {path}")
         lines += [f"     - {p}" for p in problems]
+        lines += [f"     warning: {w}" for w in private_files(path)]
     return "\n".join(lines), good

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -89,3 +91,21 @@ def test_large_models_use_external_data(tmp_path, monkeypatch, precision):
     assert {t.data_type for t in weights if len(t.dims) == 2} == {
         onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT}
     assert torch.__version__  # the build ran with the exporter's torch, not a stub
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_every_published_file_has_the_mode_the_umask_gives(tmp_path, monkeypatch, precision):
+    """Whichever library wrote a file (ONNX Runtime's quantizer writes its external data private), a
+    server running as another user can read the artifact. External data forced on; umask 027 -> 0640."""
+    for module in ("onnx_export", "precision", "quantize"):
+        monkeypatch.setattr(f"exporter.{module}.EXTERNAL_DATA_OVER", 0)
+    old = os.umask(0o027)
+    try:
+        path = build(BuildOptions(head="base", precision=precision, checkpoint="demo-random", out=tmp_path,
+                                  max_batch=2, max_sequence=16, eval_data="none"), log=lambda message: None)
+    finally:
+        os.umask(old)
+    files = [path.name, *Manifest.load(path).files]
+    assert "base.onnx.data" in files and (precision != "int8" or "base.qdq.onnx.data" in files)
+    assert {name: oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) for name in files} == {
+        name: oct(0o640) for name in files}

@@ -33,6 +33,21 @@ def test_tampered_file_fails(built, tmp_path, capsys):
     assert "FAIL" in out and "qa.onnx" in out and "sha256" in out.lower()
 
 
+def test_a_file_only_its_owner_can_read_is_named(built, tmp_path, capsys):
+    manifest = copy_artifact(built, "qa", tmp_path)
+    for path in tmp_path.iterdir():
+        path.chmod(0o644)
+    assert main(["verify", str(manifest)]) == 0 and "warning" not in capsys.readouterr().out
+    (tmp_path / "qa.onnx").chmod(0o600)
+    assert main(["verify", str(manifest)]) == 0  # it runs here, for its owner: a warning, not a failure
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "qa.onnx " in warnings[0] and "0600" in warnings[0]
+    assert f"chmod a+r {tmp_path / 'qa.onnx'}" in warnings[0]
+    for path in tmp_path.iterdir():  # private throughout: a choice, not a slip
+        path.chmod(0o600)
+    assert main(["verify", str(manifest)]) == 0 and "warning" not in capsys.readouterr().out
+
+
 def test_engine_from_another_tensorrt_fails(built, tmp_path, capsys):
     manifest = copy_artifact(built, "qa", tmp_path)
     (tmp_path / "qa.plan").write_bytes(b"an engine")
