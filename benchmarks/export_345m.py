@@ -30,11 +30,12 @@ def main() -> int:
         command = [sys.executable, "-m", "exporter", "build", "--head", args.head, "--precision", args.precision,
                    "--checkpoint", f"random:{ROOT / 'benchmarks' / 'megatron-bert-345m.json'}",
                    "--tokenizer", str(ROOT / "exporter" / "demo" / "vocab.txt"), "--out", out,
-                   "--max-batch", args.max_batch, "--max-sequence", args.max_sequence]
+                   "--max-batch", args.max_batch, "--max-sequence", args.max_sequence,
+                   "--eval-data", "none"]  # random weights: no task to measure; the export's cost is the point
         start = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT)
         wall = time.perf_counter() - start
-        sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
+        sizes = {p.name: p.stat().st_size for p in Path(out).iterdir() if not p.name.startswith(".")}
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     print(f"\n345M {args.head} {args.precision} (batch <= {args.max_batch}, sequence <= {args.max_sequence}): "
           f"exit {result.returncode}, wall {wall:.1f} s, peak RSS {peak:.2f} GiB")

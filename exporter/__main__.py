@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main  # imports torch and onnx: seconds in which Ctrl-C should not print a traceback
 
-sys.exit(main())
+    sys.exit(main())
+except KeyboardInterrupt:
+    print("interrupted; nothing was written", file=sys.stderr)
+    sys.exit(130)

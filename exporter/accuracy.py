@@ -56,7 +56,9 @@ class Evaluation:
     def measure(self, form: str, manifest: Manifest, staging: Path, backend: Backend) -> Scores:
         """Score one form (through a Session on the staged artifact); the first is PyTorch's."""
         manifest.validation = {"passed": True}  # a staged copy, only for this Session; replaced at the end
-        manifest.record_files(staging, [manifest.tokenizer["file"]])
+        named = [manifest.tokenizer["file"], *(g[key] for g in manifest.graphs.values()
+                                                for key in ("file", "tensorrt_file") if key in g)]
+        manifest.record_files(staging, named)  # the schema wants every file it names listed
         path = staging / f"{manifest.name}.json"
         manifest.save(path)
         try:

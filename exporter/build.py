@@ -14,7 +14,6 @@ import gc
 import os
 import platform
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,18 +45,15 @@ from .config import MegatronBertConfig
 from .onnx_export import export_graph
 from .precision import to_fp16
 from .quantize import chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
-from .recipes import PRECISIONS, Recipe, load_recipe
+from .errors import ValidationFailed
+from .publish import publish, staging_folder
+from .recipes import BACKENDS, PRECISIONS, Recipe, load_recipe
 from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
 from .tensorrt_support import TABLE as TENSORRT_TABLE
 from .tensorrt_support import graph_problems, load_structure, profile_problems
 from .validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
-
-
-class ValidationFailed(Exception):
-    """The artifact was built but does not agree with PyTorch within the recipe's tolerance."""
 
 
 @dataclass
@@ -76,6 +72,7 @@ class BuildOptions:
     max_choices: int | None = None
     max_past: int | None = None
     allow_random_head: bool = False
+    memory_check: bool = True  # refuse a model whose weights exceed this machine's available memory
     calibration_data: str | None = None  # int8: a .txt or .jsonl (default: the recipe's)
     calibration_method: str | None = None  # minmax, entropy or percentile (default: the recipe's)
     calibration_samples: int | None = None  # default: the recipe's
@@ -116,13 +113,14 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
         raise UserError(f"--name {name!r} must be a plain file name (no directories, not hidden)")
     out = Path(options.out)
     check_writable(out)
+    check_name_is_free(out, name)
     # A bad evaluation or calibration set stops us before any work.
     evaluation = evaluation_for(recipe, options.eval_data)
     calibration_set = read_calibration_set(recipe, options) if options.precision == "int8" else None
 
     checkpoint = demo.resolve(options.checkpoint or recipe.checkpoint, options.head)
     with step(log, f"loading the {options.head} head from {checkpoint}"):
-        loaded = load_model(options.head, checkpoint, recipe, options.allow_random_head, options.config)
+        loaded = load_model(options, checkpoint, recipe)
     report_load(loaded, log)
     recipe, notes = recipe.fit_to(loaded.config, explicit)
     for note in notes:
@@ -132,7 +130,7 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     new_out = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=out))
+        staging = staging_folder(out, name)
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
@@ -171,6 +169,26 @@ def wants_engines(backend: str, log: Log) -> bool:
     return False
 
 
+def check_name_is_free(out: Path, name: str) -> None:
+    """Refuse a name whose files could be another artifact's in `out` (`qa.tokenizer` beside `qa` would
+    overwrite qa.tokenizer.json), or that the tools reserve (build-all's index.json; verify skips
+    NAME.tokenizer.json)."""
+    if name == "index" or name.endswith(".tokenizer"):
+        raise UserError(f"--name {name!r} is reserved (index.json is build-all's index; *.tokenizer.json are "
+                        "tokenizers); choose another")
+    for other in sorted(out.glob("*.json")) if out.is_dir() else []:
+        if other.name in (f"{name}.json", "index.json") or other.name.endswith(".tokenizer.json"):
+            continue
+        try:
+            theirs = {other.name, *Manifest.load(other).files}
+        except UserError:  # not an artifact we can read: it owns nothing we know of
+            continue
+        if any(file.startswith(f"{name}.") for file in theirs):
+            raise UserError(f"--name {name!r}: files named {name}.* would clash with the artifact {other.stem!r} "
+                            f"in {out} ({', '.join(sorted(f for f in theirs if f.startswith(f'{name}.')))}); "
+                            "choose another name")
+
+
 def check_writable(out: Path) -> None:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
@@ -179,18 +197,20 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: cannot write to {existing} (permission denied)")
 
 
-def load_model(head: str, checkpoint: str, recipe: Recipe, allow_random_head: bool,
-               config: str | None = None) -> LoadedModel:
+def load_model(options: BuildOptions, checkpoint: str, recipe: Recipe) -> LoadedModel:
     """`checkpoint` is a path, "demo-random", or "random:CONFIG.json" (seeded random weights of that config)."""
+    head, config = options.head, options.config
     if config is not None and (checkpoint == "demo-random" or checkpoint.startswith("random:")):
         raise UserError(f"--config applies to a checkpoint's weights; {checkpoint} has none (random:CONFIG.json "
                         "takes its config)")
     if checkpoint == "demo-random":
         return demo.random_demo_model(head, recipe.demo.get("labels"))
     if checkpoint.startswith("random:"):
-        return checkpoints.random_model(head, MegatronBertConfig.from_json_file(checkpoint.removeprefix("random:")))
+        return checkpoints.random_model(head, MegatronBertConfig.from_json_file(checkpoint.removeprefix("random:")),
+                                        memory_check=options.memory_check)
     given = read_json(Path(config), "config (--config)") if config is not None else None
-    return checkpoints.load(head, checkpoint, config=given, allow_random_head=allow_random_head)
+    return checkpoints.load(head, checkpoint, config=given, allow_random_head=options.allow_random_head,
+                            memory_check=options.memory_check)
 
 
 def report_load(loaded: LoadedModel, log: Log) -> None:
@@ -519,33 +539,3 @@ def _tensor(t: TensorSpec) -> dict[str, object]:
 def versions() -> dict[str, str]:
     return {"exporter": metadata.version("megatron-deploy"), "python": platform.python_version(),
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def ordinary_file_mode() -> int:
-    """The mode a new file gets under this process's umask (0644 under 022). Every published file gets
-    it, whichever library wrote it: ONNX Runtime's quantizer leaves its external data private (0600),
-    which a server running as another user could not open."""
-    status = Path("/proc/self/status")
-    umask = next((int(line.split()[1], 8) for line in status.read_text().splitlines() if line.startswith("Umask:")),
-                 None) if status.exists() else None
-    if umask is None:  # no procfs: read it the only other way, by setting it (and putting it back)
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def publish(staging: Path, out: Path, manifest: Manifest) -> None:
-    """Move a validated artifact into `out`, manifest last; drop files only the old one listed."""
-    manifest_name = f"{manifest.name}.json"
-    try:
-        old_files = set(Manifest.load(out / manifest_name).files)
-    except UserError:  # no previous artifact (or an unreadable one): nothing of it to tidy
-        old_files = set()
-    mode = ordinary_file_mode()
-    for name in [*manifest.files, manifest_name]:
-        os.chmod(staging / name, mode)
-        os.replace(staging / name, out / name)
-    for stale in old_files - set(manifest.files):
-        if Path(stale).name == stale:  # only plain names: a manifest never reaches outside `out`
-            (out / stale).unlink(missing_ok=True)
-

@@ -15,10 +15,11 @@ import hashlib
 import json
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -67,6 +68,11 @@ def read_hf_weights(directory: Path) -> tuple[StateDict, list[Path]]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{index}: not a valid shard index ({err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid shard index (weight_map must map names to files)")
+        for name in set(weight_map.values()):  # a shard is a file of this directory, never one elsewhere
+            if (directory / name).resolve().parent != directory.resolve():
+                raise CheckpointError(f"{index}: shard {name} lies outside {directory}")
         files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
         files = [f for f in (directory / "model.safetensors", directory / "pytorch_model.bin") if f.exists()][:1]
@@ -240,19 +246,40 @@ def megatron_config(tensors: StateDict, args: Any, given: dict[str, Any], source
     return MegatronBertConfig.from_hf_dict({**stated, **given})
 
 
+def extract_checkpoint(file: Path, archive: zipfile.ZipFile, into: Path) -> Path:
+    """The zip's model_optim_rng.pt, copied out after its member names and sizes were checked: no member
+    may point outside the archive, nor unpack to more than this machine's memory or far beyond what it
+    compresses to (a 2 MB zip of 2 GB of zeros is no checkpoint)."""
+    for info in archive.infolist():
+        if info.filename.startswith(("/", "\\")) or ".." in PurePosixPath(info.filename.replace("\\", "/")).parts:
+            raise CheckpointError(f"{file}: member {info.filename!r} points outside the archive")
+    members = [i for i in archive.infolist() if i.filename.endswith("model_optim_rng.pt")]
+    if not members:
+        raise CheckpointError(f"{file}: no .../mp_rank_00/model_optim_rng.pt in this zip")
+    if len(members) > 1 and not any("mp_rank_00/" in m.filename for m in members):
+        raise CheckpointError(f"{file}: model-parallel checkpoints are not supported "
+                              f"({len(members)} ranks); merge them to one rank first")
+    member = next((m for m in members if "mp_rank_00/" in m.filename), members[0])
+    have = available_memory()
+    if have is not None and member.file_size > have:
+        raise CheckpointError(f"{file}: {member.filename} unpacks to {member.file_size / 2**30:.1f} GiB, more than "
+                              f"the {have / 2**30:.1f} GiB this machine has available")
+    if member.file_size > 2**26 and member.file_size > 20 * member.compress_size:
+        raise CheckpointError(f"{file}: {member.filename} would unpack {member.compress_size} bytes to "
+                              f"{member.file_size} ({member.file_size // max(1, member.compress_size)}:1); "
+                              "weights do not compress like that, so this is no checkpoint")
+    target = into / "model_optim_rng.pt"
+    with archive.open(member) as source, target.open("wb") as copy:
+        shutil.copyfileobj(source, copy, 2**20)
+    return target
+
+
 def read_megatron(file: Path, given: dict[str, Any]) -> tuple[StateDict, MegatronBertConfig, list[str]]:
     if file.suffix == ".zip":
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 with zipfile.ZipFile(file) as archive:
-                    members = [m for m in archive.namelist() if m.endswith("model_optim_rng.pt")]
-                    if not members:
-                        raise CheckpointError(f"{file}: no .../mp_rank_00/model_optim_rng.pt in this zip")
-                    if len(members) > 1 and not any("mp_rank_00/" in m for m in members):
-                        raise CheckpointError(f"{file}: model-parallel checkpoints are not supported "
-                                              f"({len(members)} ranks); merge them to one rank first")
-                    member = next((m for m in members if "mp_rank_00/" in m), members[0])
-                    checkpoint = load_pickle(Path(archive.extract(member, tmp)))
+                    checkpoint = load_pickle(extract_checkpoint(file, archive, Path(tmp)))
             except (zipfile.BadZipFile, EOFError) as err:
                 raise CheckpointError(f"{file}: corrupt or truncated zip ({err})") from None
     else:
@@ -334,8 +361,27 @@ def fill_head(model: HeadModel, state: StateDict, source: str, allow_random_head
     return unused, missing
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where the system does not say."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in lines if line.startswith("MemAvailable:")), None)
+    return None if kib is None else kib * 1024
+
+
+def check_memory(config: MegatronBertConfig, source: str) -> None:
+    """Refuse a model whose fp32 weights alone exceed the memory this machine has left."""
+    need, have = config.parameters * 4, available_memory()
+    if have is not None and need > have:
+        raise CheckpointError(f"{source}: the model's fp32 weights alone need {need / 2**30:.1f} GiB "
+                              f"({config.parameters / 1e9:.2f}B parameters) and this machine has {have / 2**30:.1f} "
+                              "GiB available; pass --skip-memory-check to try anyway")
+
+
 def load(head: str, source: str | Path, *, config: MegatronBertConfig | dict[str, Any] | None = None,
-         allow_random_head: bool = False, seed: int = 0) -> LoadedModel:
+         allow_random_head: bool = False, seed: int = 0, memory_check: bool = True) -> LoadedModel:
     """Build `head` with the weights at `source` (a HF directory, a Megatron .zip or .pt). `config`, a
     config or just some of its fields (Hugging Face names), overrides what the checkpoint states."""
     path = Path(source)
@@ -357,6 +403,8 @@ def load(head: str, source: str | Path, *, config: MegatronBertConfig | dict[str
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected a Hugging Face model directory, "
                               "a Megatron .zip or a .pt)")
+    if memory_check:
+        check_memory(config, str(path))
     model = build_head(head, config)
     init_weights(model, config.initializer_range, seed)  # only what the checkpoint lacks keeps these
     unused, missing = fill_head(model, normalize_names(state), str(path), allow_random_head)
@@ -364,8 +412,10 @@ def load(head: str, source: str | Path, *, config: MegatronBertConfig | dict[str
     return LoadedModel(model, model.bert.config, report)
 
 
-def random_model(head: str, config: MegatronBertConfig, seed: int = 0) -> LoadedModel:
+def random_model(head: str, config: MegatronBertConfig, seed: int = 0, memory_check: bool = True) -> LoadedModel:
     """A head with seeded random weights (the same seed and config give the same weights)."""
+    if memory_check:
+        check_memory(config, "random weights")
     model = build_head(head, config)
     init_weights(model, config.initializer_range, seed)
     recipe = json.dumps({"config": config.to_hf_dict(), "seed": seed}, sort_keys=True)

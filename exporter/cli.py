@@ -7,6 +7,7 @@ Exit status: 0 success, 1 the artifact failed validation, 2 a mistake in what th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -14,9 +15,8 @@ from typing import NoReturn
 from runtime.errors import UserError
 from runtime.heads import HEADS
 
-from .build import BACKENDS, BuildOptions, ValidationFailed, build
-from .quantize import METHODS
-from .recipes import PRECISIONS, RECIPES_DIR
+from .errors import ValidationFailed
+from .recipes import BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
 from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
 
 
@@ -55,12 +55,14 @@ def parser() -> Parser:
                        "(default: the recipe's)")
     b.add_argument("--allow-random-head", action="store_true", help="randomly initialize head weights the "
                    "checkpoint lacks (e.g. a base checkpoint built as qa) instead of failing")
+    b.add_argument("--skip-memory-check", action="store_true", help="build even when the model's weights exceed "
+                   "the memory this machine has available (it will likely be killed)")
     b.add_argument("--eval-data", metavar="FILE|none", help="task-accuracy evaluation set: a .jsonl with the "
                    "head's fields and gold answers (default: the recipe's; none: judge by logits alone)")
     q = b.add_argument_group("int8")
     q.add_argument("--calibration-data", metavar="FILE", help="representative text: a .txt of lines, or a .jsonl "
                    "with the head's fields, e.g. question/context for qa (default: the recipe's corpus)")
-    q.add_argument("--calibration-method", choices=list(METHODS), help="how activation ranges are chosen "
+    q.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="how activation ranges are chosen "
                    "(default: the recipe's, minmax)")
     q.add_argument("--calibration-samples", type=int, metavar="N", help="examples to calibrate on (default: "
                    "the recipe's)")
@@ -117,6 +119,17 @@ def parser() -> Parser:
                             description="Re-check file hashes, that TensorRT engines match this machine's TensorRT "
                             "and GPU, and run a smoke inference. Exit 0: all good; 1: something is wrong.")
     v.add_argument("target", type=Path, metavar="DIR|ARTIFACT", help="a directory of artifacts, or one artifact")
+    v.add_argument("--public-key", type=Path, metavar="PUB", help="also require each artifact's signature "
+                   "(NAME.sig) by this elliptic-curve public key (PEM; needs .[sign])")
+
+    g = commands.add_parser("sign", help="sign artifacts with an elliptic-curve private key (OpenSSF model-signing)",
+                            description="Write NAME.sig beside each artifact's manifest: a signature of the "
+                            "manifest and every file it lists. Check with verify --public-key or "
+                            "runtime.Session(..., public_key=...).")
+    g.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help="a manifest, .onnx or .plan")
+    g.add_argument("--key", type=Path, required=True, metavar="KEY", help="the private key (PEM)")
+    g.add_argument("--password-env", metavar="VAR", help="the environment variable holding the key's password, "
+                   "if it is encrypted")
 
     commands.add_parser("heads", help="list the heads with their inputs and outputs")
     return top
@@ -155,6 +168,23 @@ def benchmark(args: argparse.Namespace) -> None:
     if args.plot:
         bench.plot(results, args.plot)
         print(f"wrote {args.plot}")
+
+
+def sign_artifacts(paths: list[Path], key: Path, password_env: str | None) -> None:
+    from runtime.manifest import Manifest
+    from runtime.session import find_manifest
+    from runtime.signatures import sign
+
+    password = None
+    if password_env is not None:
+        if password_env not in os.environ:
+            raise UserError(f"--password-env {password_env}: no such environment variable")
+        password = os.environ[password_env]
+    manifests = [find_manifest(path) for path in paths]  # every name checked before any is signed
+    for manifest in manifests:  # sign only what is whole as built
+        Manifest.load(manifest).verify_files(manifest.parent)
+    for manifest in manifests:
+        print(f"signed {manifest} -> {sign(manifest, key, password)}")
 
 
 def list_heads() -> str:
@@ -196,17 +226,23 @@ def main(argv: list[str] | None = None) -> int:
             models = write_repository(args.artifacts, args.out, args.device, args.with_tokenizer)
             print(f"wrote {args.out}: {', '.join(models)}")
             return 0
+        if args.command == "sign":
+            sign_artifacts(args.artifacts, args.key, args.password_env)
+            return 0
         if args.command == "verify":
             from .verify import report
 
-            text, good = report(args.target)
+            text, good = report(args.target, args.public_key)
             print(text)
             return 0 if good else 1
+        from .build import BuildOptions, build  # torch and onnx: only the commands that build import them
+
         build(BuildOptions(head=args.head, precision=args.precision, checkpoint=args.checkpoint,
                            config=args.config, tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
                            recipe=args.recipe, max_batch=args.max_batch, max_sequence=args.max_sequence,
                            max_choices=args.max_choices, max_past=args.max_past,
-                           allow_random_head=args.allow_random_head, calibration_data=args.calibration_data,
+                           allow_random_head=args.allow_random_head,
+                           memory_check=not args.skip_memory_check, calibration_data=args.calibration_data,
                            calibration_method=args.calibration_method, calibration_samples=args.calibration_samples,
                            keep_float=args.keep_float, eval_data=args.eval_data, backend=args.backend,
                            engine=engine_options(args)))

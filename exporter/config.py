@@ -9,6 +9,10 @@ from typing import Any
 from runtime.errors import UserError
 from runtime.files import read_json
 
+# Bounds far beyond any BERT (the 3.9B one: vocabulary 30592, hidden 2560, 48 layers, 40 heads): a
+# config outside them is a mistake or an attack, not a model, and would ask the allocator for terabytes.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**15, "num_hidden_layers": 512, "num_attention_heads": 1024,
+               "intermediate_size": 2**17, "max_position_embeddings": 2**16, "type_vocab_size": 2**10}
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -36,12 +40,17 @@ class MegatronBertConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.id2label, dict):
+            raise UserError(f"config: id2label must be an object of labels, got {self.id2label!r}")
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+        for name, most in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"config: {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+                raise UserError(f"config: {name} must be an integer from 1 to {most}, got {value!r}")
+        for name, (low, high) in (("layer_norm_eps", (0.0, 1.0)), ("initializer_range", (0.0, 10.0))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+                raise UserError(f"config: {name} must be a number between {low} and {high}, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise UserError(
                 f"config: hidden_size {self.hidden_size} is not divisible by "
@@ -58,6 +67,14 @@ class MegatronBertConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise UserError(f"config: pad_token_id {self.pad_token_id} is outside the vocabulary "
                             f"of {self.vocab_size}")
+
+    @property
+    def parameters(self) -> int:
+        """How many weights the model with its largest head (the LM's) has: what its memory is made of."""
+        hidden, inner, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        per_layer = 4 * hidden * hidden + 2 * hidden * inner + 9 * hidden + inner
+        tables = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * hidden
+        return tables + layers * per_layer + hidden * hidden + self.vocab_size
 
     @property
     def num_labels(self) -> int:

@@ -31,9 +31,10 @@ from onnxruntime.quantization import qdq_loss_debug
 from runtime.errors import UserError
 
 from .onnx_export import EXTERNAL_DATA_OVER, check_graph, written
+from .recipes import CALIBRATION_METHODS
 
-METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-           "percentile": CalibrationMethod.Percentile}
+METHODS = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
+                                          CalibrationMethod.Percentile)))
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 CLASSIFIER_OUTPUTS = 16
 Feed = dict[str, np.ndarray]

@@ -18,7 +18,10 @@ from runtime.heads import DYNAMIC_AXES, HEADS, HeadSpec
 from .config import MegatronBertConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# A build's choices, known without importing the libraries that build (so `verify` needs only the runtime).
 PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOLERANCE_KEYS = ("max_abs", "min_cosine", "min_argmax", "tie_margin")
 
 

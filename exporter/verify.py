@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import Session, tensorrt_backend
+from runtime import Session, signatures, tensorrt_backend
 from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.session import find_manifest
@@ -70,9 +70,11 @@ def private_files(path: Path) -> list[str]:
             for name, mode in modes.items() if not mode & stat.S_IROTH]
 
 
-def verify_one(path: Path) -> list[str]:
+def verify_one(path: Path, public_key: Path | None = None) -> list[str]:
     """What is wrong with the artifact at `path` here (empty: nothing)."""
     try:
+        if public_key is not None:
+            signatures.check(path, public_key)
         manifest = Manifest.load(path)
         manifest.verify_files(path.parent)
     except UserError as err:
@@ -91,11 +93,14 @@ def verify_one(path: Path) -> list[str]:
     return problems
 
 
-def report(target: Path) -> tuple[str, bool]:
+def report(target: Path, public_key: Path | None = None) -> tuple[str, bool]:
     """A line per artifact (and one per problem), and whether all are good."""
     lines, good = [], True
     for path in manifests(target):
-        problems = verify_one(path)
+        try:
+            problems = verify_one(path, public_key)
+        except Exception as err:  # one broken artifact must not stop the others being checked
+            problems = [f"cannot be checked: {type(err).__name__}: {err}"]
         good &= not problems
         lines.append(f"{'ok  ' if not problems else 'FAIL'} {path}")
         lines += [f"     - {p}" for p in problems]

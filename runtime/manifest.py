@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import manifest_schema as schema
 from .errors import UserError
 from .files import read_json, sha256_of, write_atomically
 
@@ -55,6 +56,9 @@ class Manifest:
             if only is not None and name not in only:
                 continue
             path = directory / name
+            if path.is_symlink() and directory.resolve() not in path.resolve().parents:
+                raise UserError(f"{path}: a symlink leading out of the artifact's folder (to {path.resolve()}); "
+                                "an artifact's files live in its folder")
             if not path.exists():
                 raise UserError(f"{path}: missing (the manifest of {self.name!r} lists it)")
             if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
@@ -73,8 +77,9 @@ class Manifest:
         if data["format"] > FORMAT_VERSION:
             raise UserError(f"{path}: manifest format {data['format']} is newer than this runtime reads "
                             f"({FORMAT_VERSION}); upgrade the runtime package")
-        known = {f.name for f in fields(cls)}
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as err:
-            raise UserError(f"{path}: incomplete manifest ({err})") from None
+            schema.check(data)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -11,6 +11,7 @@ are made once per setting, under a lock).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, cast
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from . import tasks, tensorrt_backend
+from . import signatures, tasks, tensorrt_backend
 from .backends import Backend, OnnxRuntimeBackend
 from .errors import UserError
 from .generation import Generator, SamplingOptions
@@ -27,12 +28,17 @@ from .heads import DYNAMIC_AXES, HEADS
 from .manifest import Manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# Integer inputs index tables (ONNX's Gather wraps a negative index around): each must lie in
+# [0, the config's size of its table).
+INDEX_INPUTS = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size",
+                "position_ids": "max_position_embeddings"}
 
 
 def find_manifest(path: Path) -> Path:
-    """`qa.json` itself, or the manifest beside `qa.onnx`, `qa.plan`, `lm.prefill.onnx` ..."""
+    """`qa.json` itself, or the manifest beside `qa.onnx`, `qa.plan`, `lm.prefill.onnx` ...; its real
+    path, so that every file is read from one published version of the artifact (exporter.publish)."""
     if path.suffix == ".json":
-        return path
+        return path.resolve() if path.exists() else path
     if path.suffix not in (".onnx", ".plan"):
         raise UserError(f"{path}: expected an artifact's manifest (.json) or model file (.onnx, .plan)")
     stem = path.name[:-len(path.suffix)]
@@ -42,17 +48,21 @@ def find_manifest(path: Path) -> Path:
     if not manifest.exists():
         raise UserError(f"{path}: no manifest {manifest.name} beside it (artifacts are written by "
                         "`python -m exporter build`)")
-    return manifest
+    return manifest.resolve()
 
 
 class Session:
-    def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None):
+    def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None,
+                 public_key: str | Path | None = None):
         """`backend`: "auto", "onnxruntime", "tensorrt", or an object that runs the graphs elsewhere (such
-        as a Triton server's models); then only the tokenizer needs to be beside the manifest."""
+        as a Triton server's models); then only the tokenizer needs to be beside the manifest.
+        `public_key`: open only an artifact signed with its private key (NAME.sig; needs model-signing)."""
         path = Path(path)
         if isinstance(backend, str) and backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest_path = find_manifest(path)
+        if public_key is not None:
+            signatures.check(manifest_path, Path(public_key))
         self.manifest = Manifest.load(manifest_path)
         self.directory = manifest_path.parent
         if self.manifest.head not in HEADS:
@@ -132,6 +142,19 @@ class Session:
                 if isinstance(axis, str) and sizes.setdefault(axis, size) != size:
                     raise UserError(f"input {name}: axis {axis} is {size} here but {sizes[axis]} in another input")
         self._check_limits(sizes)
+        self._check_values(inputs)
+
+    def _check_values(self, inputs: dict[str, np.ndarray]) -> None:
+        for name, value in inputs.items():
+            if value.size == 0:
+                continue
+            if name == "attention_mask" and not ((value == 0) | (value == 1)).all():
+                raise UserError(f"attention_mask must hold only 0 and 1, got values from {value.min()} to {value.max()}")
+            if name in INDEX_INPUTS:
+                size = self.manifest.config[INDEX_INPUTS[name]]
+                if value.min() < 0 or value.max() >= size:
+                    raise UserError(f"{name} must lie in [0, {size}) (the model's {INDEX_INPUTS[name]}), got values "
+                                    f"from {value.min()} to {value.max()}")
 
     def _check_limits(self, sizes: dict[str, int]) -> None:
         limits = dict(self.manifest.shape_limits)
@@ -197,6 +220,8 @@ class Session:
         """Label a text (or text pair): {"label", "score"}, or the top_k of them (None: all labels)."""
         self._helper("classify")
         texts, single = _texts(text)
+        if top_k is not None:
+            _count("top_k", top_k, 1)
         pairs = None if text_pair is None else _pairs(texts, text_pair)
         outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
         results = tasks.classify(outputs["logits"], self.id2label, self.manifest.config.get("problem_type"), top_k)
@@ -227,6 +252,7 @@ class Session:
         """The top_k fillers of each [MASK]: {"token", "token_str", "score", "sequence"}."""
         self._helper("fill_mask")
         items, single = _texts(text)
+        _count("top_k", top_k, 1)
         if "mask" not in self.special:
             raise UserError("this artifact's tokenizer has no [MASK] token")
         mask_id = self.special["mask"]
@@ -277,10 +303,13 @@ class Session:
         self._helper("answer")
         questions, single = _texts(question)
         contexts = _pairs(questions, context)
-        max_answer_len = max_answer_len or self.manifest.task.get("max_answer_length", 30)
+        _count("top_k", top_k, 1)
+        if max_answer_len is None:
+            max_answer_len = self.manifest.task.get("max_answer_length", 30)
+        _count("max_answer_len", max_answer_len, 1)
         if doc_stride is None:  # the recipe's, shrunk to fit a small window
             doc_stride = min(self.manifest.task.get("doc_stride", 128), self.max_length // 4)
-        elif not 0 <= doc_stride < self.max_length // 2:
+        elif not 0 <= _count("doc_stride", doc_stride, 0) < self.max_length // 2:
             raise UserError(f"doc_stride {doc_stride} must be below half the window of {self.max_length} tokens")
         tokenizer = self._window_tokenizer(doc_stride)
         windows = [self._windows(tokenizer, q, c) for q, c in zip(questions, contexts)]
@@ -335,21 +364,42 @@ class Session:
 
     def _generator(self, max_new_tokens: int | None, do_sample: bool, temperature: float, top_k: int,
                    top_p: float, seed: int | None, stop: Sequence[str]) -> Generator:
-        options = SamplingOptions(max_new_tokens or self.manifest.task.get("max_new_tokens", 32), do_sample,
-                                  temperature, top_k, top_p, seed, tuple(stop))
+        if max_new_tokens is None:
+            max_new_tokens = self.manifest.task.get("max_new_tokens", 32)
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+            raise UserError(f"stop must be a list of strings, got {stop!r}")
+        options = SamplingOptions(_count("max_new_tokens", max_new_tokens, 1), do_sample,
+                                  _number("temperature", temperature), _count("top_k", top_k, 0),
+                                  _number("top_p", top_p), seed, tuple(stop))
         return Generator(self, options)
 
 
 def _texts(value: str | Sequence[str]) -> tuple[list[str], bool]:
     """One text or a list of them: the list, and whether it was one."""
-    texts = [value] if isinstance(value, str) else list(value)
-    if not texts:
+    if isinstance(value, str):
+        return [value], True
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise UserError(f"expected a text or a list of texts, got {type(value).__name__}"
+                        + (" holding other things" if isinstance(value, (list, tuple)) else ""))
+    if not value:
         raise UserError("an empty list: give at least one text")
-    return texts, isinstance(value, str)
+    return list(value), False
 
 
 def _pairs(texts: list[str], pairs: str | Sequence[str]) -> list[str]:
-    seconds = [pairs] if isinstance(pairs, str) else list(pairs)
+    seconds, _ = _texts(pairs)
     if len(seconds) != len(texts):
         raise UserError(f"{len(texts)} texts but {len(seconds)} pairs")
     return seconds
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UserError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    return float(value)

@@ -97,8 +97,14 @@ def test_unknown_format(tmp_path):
     ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
     ({"model_type": "bert"}, "expected 'megatron-bert'"),
     ({"problem_type": "ranking"}, "problem_type 'ranking'"),
-    ({"vocab_size": 0}, "vocab_size must be a positive integer"),
-    ({"num_hidden_layers": "3"}, "num_hidden_layers must be a positive integer"),
+    ({"vocab_size": 0}, "vocab_size must be an integer from 1 to"),
+    ({"num_hidden_layers": "3"}, "num_hidden_layers must be an integer from 1 to"),
+    ({"layer_norm_eps": "x"}, "layer_norm_eps must be a number between 0.0 and 1.0, got 'x'"),
+    ({"max_position_embeddings": 1e9}, "max_position_embeddings must be an integer from 1 to 65536"),
+    ({"max_position_embeddings": 10**9}, "max_position_embeddings must be an integer from 1 to 65536"),
+    ({"hidden_size": 2**20, "num_attention_heads": 1}, "hidden_size must be an integer from 1 to 32768"),
+    ({"num_hidden_layers": 10000}, "num_hidden_layers must be an integer from 1 to 512"),
+    ({"id2label": ["a", "b"]}, "id2label must be an object of labels"),
 ])
 def test_unsupported_config_values(change, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["tiny"], **change}))
@@ -120,3 +126,36 @@ def test_config_reads_every_hf_field(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="not a readable config"):
         MegatronBertConfig.from_json_file(tmp_path / "bad.json")
+
+
+def test_a_zip_member_pointing_outside_the_archive_is_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
+        archive.writestr("../../release/mp_rank_00/model_optim_rng.pt", b"x")
+    assert "points outside the archive" in load_error("qa", tmp_path / "evil.zip")
+
+
+def test_a_zip_bomb_is_refused_before_it_is_unpacked(tmp_path):
+    """300 MiB of zeros in a zip of a few hundred KiB: refused from the member's declared sizes."""
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("release/mp_rank_00/model_optim_rng.pt", "w", force_zip64=True) as member:
+            zeros = bytes(2**24)
+            for _ in range(300 // 16):
+                member.write(zeros)
+    assert (tmp_path / "bomb.zip").stat().st_size < 2**21
+    assert "weights do not compress like that" in load_error("qa", tmp_path / "bomb.zip")
+
+
+def test_a_shard_index_pointing_outside_its_directory_is_refused(tmp_path):
+    save_hf("qa", tmp_path)
+    for target in ("../../../../etc/passwd", "/etc/passwd"):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": target}}))
+        assert f"shard {target} lies outside" in load_error("qa", tmp_path)
+
+
+def test_a_model_beyond_this_machines_memory_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "available_memory", lambda: 2**30)
+    config = MegatronBertConfig(**{**CONFIGS["tiny"], "hidden_size": 4096, "num_attention_heads": 32,
+                                   "num_hidden_layers": 64})
+    with pytest.raises(UserError, match=r"weights alone need 16\.2 GiB .* 1\.0 GiB available; pass "
+                                        "--skip-memory-check"):
+        checkpoints.random_model("qa", config)

@@ -24,6 +24,11 @@ def exporter(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def visible(folder: Path) -> dict[str, bytes]:
+    """The artifact files users see in `folder` (links into the hidden version folders), with contents."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()}
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -44,7 +49,7 @@ def test_readme_main_command_builds_the_demo_qa_artifact(tmp_path):
     manifest = Manifest.load(tmp_path / "qa.json")
     assert (manifest.head, manifest.precision, manifest.validation["passed"]) == ("qa", "fp16", True)
     assert manifest.accuracy["passed"] and manifest.source["checkpoint"].endswith("exporter/demo/qa")
-    assert sorted(os.listdir(tmp_path)) == ["qa.json", "qa.onnx", "qa.tokenizer.json"]
+    assert sorted(visible(tmp_path)) == ["qa.json", "qa.onnx", "qa.tokenizer.json"]
 
 
 def test_heads_lists_every_head_with_inputs_and_outputs():
@@ -106,27 +111,28 @@ def test_unwritable_output_dir(tmp_path, out):
 
 def test_failed_validation_exits_1_and_keeps_the_previous_artifact(tmp_path, capsys):
     assert cli.main(["build", "--head", "nsp", *SMALL, "--out", str(tmp_path)]) == 0
-    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    before = visible(tmp_path)
     strict = tmp_path.parent / "strict.toml"
     strict.write_text("[tolerance.fp32]\nmin_cosine = 1.5  # impossible\n")
     assert cli.main(["build", "--head", "nsp", *SMALL, "--out", str(tmp_path), "--recipe", str(strict)]) == 1
     assert "validation failed" in capsys.readouterr().err
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
-    assert sorted(os.listdir(tmp_path)) == sorted([*before, "nsp.failed"])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([*before, "nsp.failed"])
     failed = Manifest.load(tmp_path / "nsp.failed" / "nsp.json")
     assert failed.validation["passed"] is False and failed.validation["tolerance"]["min_cosine"] == 1.5
 
 
 def test_interrupted_build_leaves_the_previous_artifact(tmp_path, monkeypatch, capsys):
     assert cli.main(["build", "--head", "mlm", *SMALL, "--out", str(tmp_path)]) == 0
-    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    before = visible(tmp_path)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("exporter.build.validate", interrupt)
     assert cli.main(["build", "--head", "mlm", "--max-sequence", "8", "--eval-data", "none", "--out", str(tmp_path)]) == 130
-    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no staging dir either
+    assert visible(tmp_path) == before
+    assert not [p for p in os.listdir(tmp_path) if ".building-" in p]  # no staging folder left either
     Manifest.load(tmp_path / "mlm.json").verify_files(tmp_path)
 
 
