@@ -366,7 +366,7 @@ class Session:
                    top_p: float, seed: int | None, stop: Sequence[str]) -> Generator:
         if max_new_tokens is None:
             max_new_tokens = self.manifest.task.get("max_new_tokens", 32)
-        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise UserError(f"stop must be a list of strings, got {stop!r}")
         options = SamplingOptions(_count("max_new_tokens", max_new_tokens, 1), do_sample,
                                   _number("temperature", temperature), _count("top_k", top_k, 0),

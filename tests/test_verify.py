@@ -6,6 +6,7 @@ import json
 import shutil
 
 from exporter.cli import main
+from runtime.files import sha256_of
 from runtime.manifest import Manifest
 
 
@@ -54,10 +55,9 @@ def test_engine_from_another_tensorrt_fails(built, tmp_path, capsys):
     edited = json.loads(manifest.read_text())
     edited["engines"] = {"model": {"file": "qa.plan"}}
     edited["tensorrt"].update(version="9.0.0", gpu="NVIDIA A10", compute_capability="8.6")
+    # with the engine's hash, as a build elsewhere would have it
+    edited["files"]["qa.plan"] = {"bytes": 9, "sha256": sha256_of(tmp_path / "qa.plan")}
     manifest.write_text(json.dumps(edited))
-    recorded = Manifest.load(manifest)  # with the engine's hash, as a build elsewhere would have it
-    recorded.record_files(tmp_path, [*recorded.files, "qa.plan"])
-    recorded.save(manifest)
     assert main(["verify", str(manifest)]) == 1
     out = capsys.readouterr().out
     assert "TensorRT 9.0.0 on NVIDIA A10" in out and ("rebuild" in out or "install TensorRT 9.0.0" in out)
