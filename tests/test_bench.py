@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,12 @@ def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
     assert "p50 ms" in printed and "pytorch eager" in printed and "onnxruntime/CPU" in printed
     report = json.loads(out.read_text())
     assert {"machine", "versions", "settings", "results"} <= set(report)
+    machine, cpuinfo = report["machine"], Path("/proc/cpuinfo").read_text()
+    assert machine["cpu"] and machine["cpu"] in cpuinfo  # the CPU by name, and the flags that decide speed
+    assert machine["cpu_flags"] == [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                                                "amx_int8") if f" {f} " in f" {cpuinfo.split('flags')[1].splitlines()[0]} "]
+    assert machine["physical_cores"] >= 1 and machine["torch_threads"] >= 1
+    assert {"torch", "onnx", "onnxruntime"} <= set(report["versions"])
     rows = report["results"]
     assert {(r["backend"], r["batch"], r["sequence"]) for r in rows} == {
         (b, n, s) for b in ("onnxruntime/CPU", "pytorch eager") for n in (1, 2) for s in (8, 16)}
