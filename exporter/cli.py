@@ -1,7 +1,8 @@
-"""The command line: `python -m exporter build ...`, `python -m exporter bench ...` and `python -m exporter heads`.
+"""The command line: `python -m exporter build|build-all|bench|heads|triton|serve|sign|verify ...`.
 
-Exit status: 0 success, 1 the artifact failed validation, 2 a mistake in what the user gave us
-(printed as one line, no traceback), 130 interrupted.
+Exit status: 0 success, 1 the artifact failed validation (for serve: the server stopped by itself or
+loaded nothing), 2 a mistake in what the user gave us (printed as one line, no traceback), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from runtime.heads import HEADS
 from .errors import ValidationFailed
 from .recipes import BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
 from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
+from .triton import QUEUE_DELAY_US
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,6 +116,20 @@ def parser() -> Parser:
                    help="instance group kind (default auto: GPU for engines, CPU for ONNX)")
     r.add_argument("--with-tokenizer", action="store_true", help="add NAME-text, a Python-backend model that "
                    "takes the helper's arguments as JSON text and answers as runtime.Session does")
+    r.add_argument("--python-backend", action="store_true", help="serve each graph with runtime.Session on "
+                   "Triton's Python backend, for servers without its ONNX Runtime or TensorRT backends")
+    batching_arguments(r)
+
+    s = commands.add_parser("serve", help="start a Triton Inference Server on artifacts (needs .[serve])",
+                            description="Start the Triton server of nvidia-pytriton on a repository of these "
+                            "artifacts (Python-backend models running runtime.Session, NAME-text included), wait "
+                            "until it is ready and print its endpoints. Ctrl-C or SIGTERM stops it; in-flight "
+                            "requests finish first.")
+    s.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default: 8000)")
+    s.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default: 8001)")
+    batching_arguments(s)
 
     v = commands.add_parser("verify", help="check artifacts on the machine that will serve them",
                             description="Re-check file hashes, that TensorRT engines match this machine's TensorRT "
@@ -199,6 +215,19 @@ def list_heads() -> str:
     return "\n".join(lines)
 
 
+def batching_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--max-batch-delay-us", type=int, default=QUEUE_DELAY_US, metavar="N",
+                         help=f"how long Triton's dynamic batcher waits for more requests (default: {QUEUE_DELAY_US})")
+    command.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
+                         help="let Triton run queued requests together (default: yes)")
+
+
+def queue_delay(args: argparse.Namespace) -> int | None:
+    if args.max_batch_delay_us < 0:
+        raise UserError("--max-batch-delay-us must be 0 or more")
+    return args.max_batch_delay_us if args.dynamic_batching else None
+
+
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     options = EngineOptions(workspace_gib=args.workspace, optimization_level=args.builder_optimization_level,
                             hardware_compatibility=args.hardware_compatibility)
@@ -221,11 +250,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return 0 if build_all(args.recipes, args.heads, args.precisions, args.out, args.backend, print) else 1
         if args.command == "triton":
-            from .triton import write_repository
+            from .triton import RepositoryOptions, write_repository
 
-            models = write_repository(args.artifacts, args.out, args.device, args.with_tokenizer)
+            models = write_repository(args.artifacts, args.out, RepositoryOptions(
+                device=args.device, with_tokenizer=args.with_tokenizer, python_backend=args.python_backend,
+                queue_delay_us=queue_delay(args)))
             print(f"wrote {args.out}: {', '.join(models)}")
             return 0
+        if args.command == "serve":
+            from .serve import ServeOptions, serve
+
+            for port, flag in ((args.port, "--port"), (args.grpc_port, "--grpc-port")):
+                if not 0 < port < 65536:
+                    raise UserError(f"{flag} must be a port number (1-65535)")
+            return serve(args.artifacts, ServeOptions(host=args.host, port=args.port, grpc_port=args.grpc_port,
+                                                      queue_delay_us=queue_delay(args)))
         if args.command == "sign":
             sign_artifacts(args.artifacts, args.key, args.password_env)
             return 0

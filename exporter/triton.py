@@ -1,25 +1,32 @@
 """`python -m exporter triton ARTIFACT... --out model_repository/`: artifacts as a Triton model repository.
 
-Per graph: `<model>/config.pbtxt` and `<model>/1/model.plan` (where the artifact has TensorRT engines)
-or `<model>/1/model.onnx` with its external data beside it under the name the graph refers to. Inputs
-and outputs come from the manifest, the batch axis becoming `max_batch_size` (the recipe's max) with
-dynamic batching preferring the recipe's opt batch; other dynamic axes are -1. A causal LM becomes
-two models, NAME-prefill and NAME-decode, with a README on driving them. `--with-tokenizer` adds
-NAME-text, a Python-backend model taking text (runtime/triton_text_model.py).
+One model per graph, in one of two forms:
+- native (default): `<model>/1/model.plan` (platform tensorrt_plan, where the artifact has engines) or
+  `<model>/1/model.onnx` with its external data beside it under the name the graph refers to
+  (onnxruntime_onnx), for servers with those backends;
+- `--python-backend`: a Python-backend model that runs the graph in process with runtime.Session
+  (runtime.triton_models.GraphModel), for servers with only the Python backend (such as the one in
+  nvidia-pytriton, which `exporter serve` starts).
+Inputs and outputs come from the manifest, the batch axis becoming `max_batch_size` (the recipe's max)
+with dynamic batching; other dynamic axes are -1. A causal LM becomes two models, NAME-prefill and
+NAME-decode, with a README on driving them. `--with-tokenizer` adds NAME-text, a Python-backend model
+taking text (runtime.triton_models.TextModel).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-import runtime
 from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.session import find_manifest
 
 DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 QUEUE_DELAY_US = 100
+TEXT_INSTANCES = 4  # text requests mostly wait on their graph calls: let several be in flight
 
 CAUSAL_README = """# {name}: a causal LM as two models
 
@@ -37,6 +44,25 @@ With left-padded batches, position ids count only real tokens. Keep the cache on
 Triton's sequence batching or pass it back as shown; limits are in {name}.json (past_sequence).
 """
 
+LAUNCHER = '''"""Written by `python -m exporter triton`: the model is runtime.triton_models.{model}."""
+import site
+
+for directory in {site_dirs!r}:  # where this server's Python finds the runtime package
+    site.addsitedir(directory)
+
+from runtime.triton_models import {model} as TritonPythonModel  # noqa: E402,F401
+'''
+
+
+@dataclass
+class RepositoryOptions:
+    device: str = "auto"  # instance kind: auto (GPU for engines, else CPU), gpu or cpu
+    with_tokenizer: bool = False  # add NAME-text
+    python_backend: bool = False  # graphs run by runtime.Session on Triton's Python backend
+    queue_delay_us: int | None = QUEUE_DELAY_US  # dynamic batching's wait; None: no dynamic batching
+    in_place: bool = False  # Python-backend models read the artifact where it is (exporter serve), not a copy
+    site_dirs: tuple[str, ...] = ()  # added to the Python backend's path (exporter serve: its own Python's)
+
 
 def tensor_config(tensor: dict, batched: bool) -> str:
     dtype = DATA_TYPES.get(tensor["dtype"])
@@ -46,17 +72,26 @@ def tensor_config(tensor: dict, batched: bool) -> str:
     return f'  {{ name: "{tensor["name"]}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
 
 
-def model_config(name: str, platform: str, manifest: Manifest, graph: str, kind: str) -> str:
+def parameters(values: dict[str, str]) -> list[str]:
+    return [f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()]
+
+
+def model_config(name: str, manifest: Manifest, graph: str, kind: str, serving: str,
+                 options: RepositoryOptions) -> str:
+    """`serving`: a platform (tensorrt_plan, onnxruntime_onnx) or "python"."""
     declared = manifest.graphs[graph]
     batched = all(t["shape"][:1] == ["batch"] for t in declared["inputs"] + declared["outputs"])
     low, opt, high = manifest.shape_limits["batch"]
-    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {high if batched else 0}",
+    lines = [f'name: "{name}"', 'backend: "python"' if serving == "python" else f'platform: "{serving}"',
+             f"max_batch_size: {high if batched else 0}",
              "input [", ",\n".join(tensor_config(t, batched) for t in declared["inputs"]), "]",
              "output [", ",\n".join(tensor_config(t, batched) for t in declared["outputs"]), "]",
              f"instance_group [ {{ kind: {kind} count: 1 }} ]"]
-    if batched:
-        lines.append(f"dynamic_batching {{ preferred_batch_size: [ {opt} ] "
-                     f"max_queue_delay_microseconds: {QUEUE_DELAY_US} }}")
+    if batched and options.queue_delay_us is not None:
+        # An engine runs fastest at its profile's opt batch; ONNX Runtime has no such size, so the
+        # Python form takes whatever has queued.
+        preferred = "" if serving == "python" else f"preferred_batch_size: [ {opt} ] "
+        lines.append(f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {options.queue_delay_us} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -65,7 +100,7 @@ backend: "python"
 max_batch_size: 0
 input [ {{ name: "REQUEST" data_type: TYPE_STRING dims: [ 1 ] }} ]
 output [ {{ name: "RESULT" data_type: TYPE_STRING dims: [ 1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
 """
 
 
@@ -77,43 +112,85 @@ def fresh_version(out: Path, name: str) -> Path:
     return out / name / "1"
 
 
-def write_text_model(manifest_path: Path, manifest: Manifest, out: Path) -> str:
+def place(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (a 345M artifact is 1.3 GB), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy(source, target)
+
+
+def artifact_reference(manifest_path: Path, files: list[str], version: Path, options: RepositoryOptions) -> str:
+    """What a Python-backend model's `artifact` parameter names: the artifact in place, or `files` placed
+    beside the model."""
+    if options.in_place:
+        return str(manifest_path)
+    for name in [manifest_path.name, *files]:
+        place(manifest_path.parent / name, version / name)
+    return manifest_path.name
+
+
+def write_python_model(version: Path, model: str, config: str, options: RepositoryOptions) -> None:
+    (version / "model.py").write_text(LAUNCHER.format(model=model, site_dirs=options.site_dirs))
+    (version.parent / "config.pbtxt").write_text(config)
+
+
+def write_text_model(manifest_path: Path, manifest: Manifest, out: Path, options: RepositoryOptions) -> str:
     """`NAME-text`: the Python-backend model that takes the helper's arguments as JSON text."""
     name = f"{manifest.name}-text"
     version = fresh_version(out, name)
-    shutil.copy(Path(runtime.__file__).parent / "triton_text_model.py", version / "model.py")
-    shutil.copy(manifest_path, version / manifest_path.name)
-    shutil.copy(manifest_path.parent / manifest.tokenizer["file"], version / manifest.tokenizer["file"])
-    (version.parent / "config.pbtxt").write_text(TEXT_CONFIG.format(name=name))
+    reference = artifact_reference(manifest_path, [manifest.tokenizer["file"]], version, options)
+    config = TEXT_CONFIG.format(name=name, instances=TEXT_INSTANCES) + "\n".join(parameters({"artifact": reference})) + "\n"
+    write_python_model(version, "TextModel", config, options)
     return name
 
 
-def write_repository(artifacts: list[Path], out: Path, device: str = "auto", with_tokenizer: bool = False
-                     ) -> list[str]:
-    """Write the models of `artifacts` into the repository `out`; returns the model names."""
-    written = []
+def write_graph_model(manifest_path: Path, manifest: Manifest, graph: str, out: Path,
+                      options: RepositoryOptions) -> str:
+    name = manifest.model_name(graph)
+    version = fresh_version(out, name)
+    declared, engine = manifest.graphs[graph], manifest.engines.get(graph)
+    gpu = options.device == "gpu" or (options.device == "auto" and engine is not None and not options.python_backend)
+    kind = "KIND_GPU" if gpu else "KIND_CPU"
+    if options.python_backend:
+        reference = artifact_reference(manifest_path, list(manifest.files), version, options)
+        config = model_config(name, manifest, graph, kind, "python", options)
+        write_python_model(version, "GraphModel", config + "\n".join(parameters({"graph": graph, "artifact": reference})) + "\n",
+                           options)
+        return name
+    if engine and gpu:
+        shutil.copy(manifest_path.parent / engine["file"], version / "model.plan")
+        platform = "tensorrt_plan"
+    else:
+        # int8 has two forms: MatMulInteger for CPUs, Q/DQ (`tensorrt_file`) for GPU providers
+        source = manifest_path.parent / (declared.get("tensorrt_file", declared["file"]) if gpu else declared["file"])
+        shutil.copy(source, version / "model.onnx")
+        for data in manifest_path.parent.glob(f"{source.name}.data"):  # the name the graph refers to
+            shutil.copy(data, version / data.name)
+        platform = "onnxruntime_onnx"
+    (version.parent / "config.pbtxt").write_text(model_config(name, manifest, graph, kind, platform, options))
+    return name
+
+
+def write_repository(artifacts: list[Path], out: Path, options: RepositoryOptions | None = None) -> list[str]:
+    """Write the models of `artifacts` into the repository `out`; returns the model names. Every artifact
+    is read and checked before anything is written."""
+    options = options or RepositoryOptions()
+    loaded: dict[str, tuple[Path, Manifest]] = {}
     for artifact in artifacts:
         manifest_path = find_manifest(artifact)
         manifest = Manifest.load(manifest_path)
-        manifest.verify_files(manifest_path.parent)
-        for graph, declared in manifest.graphs.items():
-            name = manifest.name if graph == "model" else f"{manifest.name}-{graph}"
-            version = fresh_version(out, name)
-            engine = manifest.engines.get(graph)
-            if engine:
-                shutil.copy(manifest_path.parent / engine["file"], version / "model.plan")
-                platform = "tensorrt_plan"
-            else:
-                source = manifest_path.parent / declared["file"]
-                shutil.copy(source, version / "model.onnx")
-                for data in manifest_path.parent.glob(f"{source.name}.data"):  # the name the graph refers to
-                    shutil.copy(data, version / data.name)
-                platform = "onnxruntime_onnx"
-            kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}.get(device, "KIND_GPU" if engine else "KIND_CPU")
-            (version.parent / "config.pbtxt").write_text(model_config(name, platform, manifest, graph, kind))
-            written.append(name)
+        if manifest.name in loaded:
+            raise UserError(f"{artifact}: another artifact given is also named {manifest.name!r}; each needs its own "
+                            "model names in a repository (build with --name)")
+        if not options.in_place:  # in place, the server's Session checks them as it loads
+            manifest.verify_files(manifest_path.parent)
+        loaded[manifest.name] = manifest_path, manifest
+    written = []
+    for manifest_path, manifest in loaded.values():
+        written += [write_graph_model(manifest_path, manifest, graph, out, options) for graph in manifest.graphs]
         if "prefill" in manifest.graphs:
             (out / f"{manifest.name}-prefill" / "README.md").write_text(CAUSAL_README.format(name=manifest.name))
-        if with_tokenizer:
-            written.append(write_text_model(manifest_path, manifest, out))
+        if options.with_tokenizer:
+            written.append(write_text_model(manifest_path, manifest, out, options))
     return written

@@ -65,6 +65,10 @@ class Manifest:
                 raise UserError(f"{path}: contents differ from the manifest (sha256 mismatch); the file was "
                                 "modified or replaced after the build; rebuild the artifact")
 
+    def model_name(self, graph: str) -> str:
+        """The name of the server model (Triton's) that serves one graph: NAME, or NAME-prefill ..."""
+        return self.name if graph == "model" else f"{self.name}-{graph}"
+
     def save(self, path: Path) -> None:
         write_atomically(path, json.dumps(asdict(self), indent=2) + "\n")
 

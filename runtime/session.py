@@ -53,10 +53,11 @@ def find_manifest(path: Path) -> Path:
 
 class Session:
     def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None,
-                 public_key: str | Path | None = None):
+                 public_key: str | Path | None = None, graphs: Sequence[str] | None = None):
         """`backend`: "auto", "onnxruntime", "tensorrt", or an object that runs the graphs elsewhere (such
         as a Triton server's models); then only the tokenizer needs to be beside the manifest.
-        `public_key`: open only an artifact signed with its private key (NAME.sig; needs model-signing)."""
+        `public_key`: open only an artifact signed with its private key (NAME.sig; needs model-signing).
+        `graphs`: load only these of the artifact's graphs (a server model that runs one of them)."""
         path = Path(path)
         if isinstance(backend, str) and backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -72,7 +73,11 @@ class Session:
         external = not isinstance(backend, str)
         self.manifest.verify_files(self.directory, [self.manifest.tokenizer["file"]] if external else None)
         self.head = HEADS[self.manifest.head]
-        self._backend = backend if not isinstance(backend, str) else self._open_backend(path, backend, providers)
+        unknown = set(graphs or ()) - set(self.manifest.graphs)
+        if unknown:
+            raise UserError(f"no graph {', '.join(sorted(unknown))} in this artifact (it has {', '.join(self.manifest.graphs)})")
+        self._backend = (backend if not isinstance(backend, str)
+                         else self._open_backend(path, backend, providers, set(graphs or self.manifest.graphs)))
         self.backend: str = self._backend.name
         self.tokenizer = Tokenizer.from_file(str(self.directory / self.manifest.tokenizer["file"]))
         self.max_length: int = self.manifest.tokenizer["max_length"]
@@ -81,10 +86,10 @@ class Session:
         self._window_tokenizers: dict[tuple[int, int], Tokenizer] = {}
         self._lock = threading.Lock()
 
-    def _open_backend(self, path: Path, backend: str, providers: list[str] | None) -> Backend:
+    def _open_backend(self, path: Path, backend: str, providers: list[str] | None, graphs: set[str]) -> Backend:
         """TensorRT for engines (a .plan path, backend="tensorrt", or "auto" where TensorRT and a GPU
         exist and the artifact has engines); otherwise ONNX Runtime with its best provider."""
-        engines = {graph: self.directory / e["file"] for graph, e in self.manifest.engines.items()}
+        engines = {graph: self.directory / e["file"] for graph, e in self.manifest.engines.items() if graph in graphs}
         wanted = backend == "tensorrt" or (backend == "auto" and path.suffix == ".plan")
         if wanted or (backend == "auto" and engines and tensorrt_backend.usable() is None):
             if not engines:
@@ -94,8 +99,9 @@ class Session:
             if reason:
                 raise UserError(f"cannot run TensorRT engines here: {reason}; use backend='onnxruntime'")
             return tensorrt_backend.TensorRTBackend(engines, self.manifest.tensorrt)
-        files = {graph: self.directory / g["file"] for graph, g in self.manifest.graphs.items()}
-        gpu_files = {graph: self.directory / g.get("tensorrt_file", g["file"]) for graph, g in self.manifest.graphs.items()}
+        chosen = {graph: g for graph, g in self.manifest.graphs.items() if graph in graphs}
+        files = {graph: self.directory / g["file"] for graph, g in chosen.items()}
+        gpu_files = {graph: self.directory / g.get("tensorrt_file", g["file"]) for graph, g in chosen.items()}
         return OnnxRuntimeBackend(files, providers, gpu_files)
 
     def __repr__(self) -> str:

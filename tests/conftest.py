@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 DEMO_VOCAB = Path(__file__).resolve().parent.parent / "exporter" / "demo" / "vocab.txt"
 
 HEADS = ["base", "mlm", "causal-lm", "nsp", "pretraining", "sequence-classification",
@@ -150,6 +155,24 @@ def built_int8(hf_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="session")
 def built_fp16(hf_checkpoints, tmp_path_factory):
     return build_all(hf_checkpoints, tmp_path_factory.mktemp("fp16"), "fp16")
+
+
+@pytest.fixture(scope="session")
+def serving_python() -> Path:
+    """The Python of an environment of its own with `.[serve]` installed, editable so it runs this checkout
+    (numpy<2, as Triton's Python backend needs), made once per project folder and pyproject.toml under ~/.cache."""
+    key = hashlib.sha256(f"{ROOT}\n{(ROOT / 'pyproject.toml').read_text()}".encode()).hexdigest()[:12]
+    environment = Path.home() / ".cache" / "megatron-deploy" / f"serve-env-{key}"
+    python = environment / "bin" / "python"
+    if not (environment / "complete").exists():
+        shutil.rmtree(environment, ignore_errors=True)
+        # System site packages: the runtime's own requirements come from this environment; the serve
+        # extra's numpy<2 shadows its numpy.
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(environment)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-e", f"{ROOT}[serve]"], check=True)
+        (environment / "complete").touch()
+    return python
 
 
 def run_onnx(path, feed: dict) -> dict:

@@ -6,12 +6,15 @@ A `<!-- readme-test: KIND -->` line before a block says how else it is proven:
 - `ci`: the set-up commands; the test command is `.ci/run`'s own, which CI runs.
 - `slow`: minutes at the 345M size; runs with `pytest -m slow`.
 - `gpu`: needs Docker and an NVIDIA GPU; runs where both are present.
+- `serve`: the serving environment's set-up line is what the `serving_python` fixture makes (conftest.py);
+  the rest runs with that environment as `.serve`, and its answer must be Session's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -55,16 +58,17 @@ def workspace(tmp_path_factory) -> Path:
     return folder
 
 
-def run_bash(block: str, cwd: Path) -> None:
+def run_bash(block: str, cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=3600)
     assert result.returncode == 0, f"{block}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
 
 
 def test_the_readme_has_examples_each_with_expected_output():
     assert blocks("python") and all(expected_prints(b) for b in blocks("python"))
-    assert blocks("bash") and blocks("bash", "ci") and blocks("bash", "slow") and blocks("bash", "gpu")
+    assert blocks("bash") and all(blocks("bash", kind) for kind in ("ci", "slow", "gpu", "serve"))
 
 
 def test_the_readme_test_command_is_what_ci_runs():
@@ -104,3 +108,17 @@ def test_readme_slow_bash_block_runs(workspace, number):
 @pytest.mark.parametrize("number", range(len(blocks("bash", "gpu"))))
 def test_readme_gpu_bash_block_runs(workspace, number):
     run_bash(blocks("bash", "gpu")[number], ROOT)
+
+
+def test_readme_serve_block_answers_as_the_session_does(workspace, serving_python):
+    setup, rest = blocks("bash", "serve")[0].split("\n", 1)
+    assert commands(setup) == ["python -m venv .serve", '.serve/bin/python -m pip install -e ".[serve]"']
+    (workspace / ".serve").symlink_to(serving_python.parent.parent)
+    printed = run_bash(rest, workspace)  # serve's lines and curl's response, which ends without a newline
+    response = json.JSONDecoder().raw_decode(printed[printed.index('{"model_name"'):])[0]
+    served = json.loads(response["outputs"][0]["data"][0])
+    request = json.loads(re.search(r'"data": \["(.*)"\]', rest).group(1).replace('\\"', '"'))
+    from runtime import Session
+
+    expected = Session(workspace / "artifacts" / "qa.json").answer(**request)
+    assert served == json.loads(json.dumps(expected)) and served["answer"]

@@ -20,6 +20,7 @@ from runtime.manifest import Manifest
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
+json_format = pytest.importorskip("google.protobuf.json_format")
 
 TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
@@ -46,6 +47,9 @@ def test_repository_matches_the_graphs(built, built_int8, tmp_path, capsys):
                 assert list(tensor.dims) == dims[1:], tensor.name  # the batch axis is max_batch_size's
                 assert model_config_pb2.DataType.Name(tensor.data_type) == TYPES[value.type.tensor_type.elem_type]
     assert "past_key_values" in (repository / "causal-lm-prefill" / "README.md").read_text()
+    # two artifacts of one name would share models: refused before anything is written
+    assert main(["triton", str(artifacts[0]), str(artifacts[0]), "--out", str(tmp_path / "twice")]) == 2
+    assert "also named 'qa'" in capsys.readouterr().err and not (tmp_path / "twice").exists()
 
 
 class TritonStub(types.ModuleType):
@@ -105,6 +109,13 @@ class TritonStub(types.ModuleType):
             t for t in response.output_tensors() if t.name() == name)
 
 
+def model_args(repository, model):
+    """What Triton's Python backend passes to initialize(): the config as JSON among them."""
+    config = text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {"model_repository": str(repository / model), "model_version": "1",
+            "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True)}
+
+
 class ClientRequest:
     def __init__(self, stub, arguments):
         self.tensor = stub.Tensor("REQUEST", np.array([json.dumps(arguments).encode()], dtype=np.object_))
@@ -134,7 +145,7 @@ def test_text_model_answers_as_the_runtime_does(built, tmp_path, monkeypatch):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         model = module.TritonPythonModel()
-        model.initialize({"model_repository": str(repository / f"{head}-text"), "model_version": "1"})
+        model.initialize(model_args(repository, f"{head}-text"))
         session = Session(built[head][0])
         responses = model.execute([ClientRequest(stub, r) for r in requests])
         for request, response in zip(requests, responses):
@@ -146,3 +157,58 @@ def test_text_model_answers_as_the_runtime_does(built, tmp_path, monkeypatch):
     assert {"qa", "pretraining", "causal-lm-prefill", "causal-lm-decode"} <= set(stub.calls)
     wrong = model.execute([ClientRequest(stub, {"helper": "answer", "question": "?", "context": "."})])[0]
     assert wrong.has_error() and "not a helper" in wrong.error().message()
+
+
+class TensorRequest:
+    def __init__(self, stub, feed):
+        self.tensors = [stub.Tensor(name, value) for name, value in feed.items()]
+
+    def inputs(self):
+        return self.tensors
+
+
+def test_python_backend_form_runs_each_graph_with_the_runtime(built, tmp_path, monkeypatch):
+    repository = tmp_path / "models"
+    causal = built["causal-lm"][0]
+    assert main(["triton", str(causal), "--out", str(repository), "--python-backend", "--no-dynamic-batching"]) == 0
+    stub = TritonStub(repository)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    monkeypatch.delitem(sys.modules, "runtime.triton_models", raising=False)
+    triton_models = importlib.import_module("runtime.triton_models")
+    session = Session(causal)
+    models = {}
+    for graph in ("prefill", "decode"):
+        config = text_format.Parse((repository / f"causal-lm-{graph}" / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert config.backend == "python" and config.parameters["graph"].string_value == graph
+        assert not config.HasField("dynamic_batching")
+        assert [t.name for t in config.input] == [t["name"] for t in session.manifest.graphs[graph]["inputs"]]
+        version = repository / f"causal-lm-{graph}" / "1"
+        # the artifact travels with the repository (hard links where possible), so the shipped form is whole
+        assert {p.name for p in version.iterdir()} >= {"model.py", *session.manifest.files}
+        assert (version / config.parameters["artifact"].string_value).exists()
+        models[graph] = triton_models.GraphModel()
+        models[graph].initialize(model_args(repository, f"causal-lm-{graph}"))
+        assert set(models[graph].session._backend.sessions) == {graph}  # only its own graph is loaded
+    prompts = [np.array([[5, 6, 7]], np.int64), np.array([[8, 9, 10]], np.int64), np.array([[5, 6]], np.int64)]
+    feeds = [{"input_ids": p, "attention_mask": np.ones_like(p), "position_ids": np.arange(p.shape[1])[None]}
+             for p in prompts]
+    bad = {**feeds[0], "input_ids": np.full_like(prompts[0], 10**6)}
+    responses = models["prefill"].execute([TensorRequest(stub, f) for f in (feeds[0], bad, feeds[1], feeds[2])])
+    assert responses[1].has_error() and "input_ids must lie in" in responses[1].error().message()
+    for feed, response in zip(feeds, (responses[0], responses[2], responses[3])):
+        assert not response.has_error()
+        np.testing.assert_allclose(stub.get_output_tensor_by_name(response, "logits").as_numpy(),
+                                   session.run(feed, "prefill")["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_repository_of_an_int8_artifact_ships_the_qdq_graph(built_int8, tmp_path):
+    artifact = built_int8["qa"][0]
+    assert "tensorrt_file" in Manifest.load(artifact).graphs["model"]
+    ops = {}
+    for device in ("gpu", "cpu"):
+        repository = tmp_path / device
+        assert main(["triton", str(artifact), "--out", str(repository), "--device", device]) == 0
+        ops[device] = {node.op_type for node in onnx.load(str(repository / "qa" / "1" / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops["gpu"] and "MatMulInteger" not in ops["gpu"]
+    assert "MatMulInteger" in ops["cpu"] and "QuantizeLinear" not in ops["cpu"]

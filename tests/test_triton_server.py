@@ -1,0 +1,342 @@
+"""A real Triton Inference Server (nvidia-pytriton's tritonserver, Python backend) started by
+`python -m exporter serve` on loopback: its answers over HTTP and gRPC equal runtime.Session's in
+process; a broken artifact or a bad request fails alone; a killed server gives errors, never wrong
+answers, and a restarted one serves again.
+
+The server runs in the `serving_python` environment (conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_same_result
+from exporter.cli import main
+from runtime import Session
+
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
+
+START_TIMEOUT_S = 240
+# `python -m exporter serve ...` as a serving install has it: none of the exporter's own libraries
+SERVE_AS_INSTALLED = ("import sys\nfor m in ('torch', 'onnx', 'onnxscript', 'onnx_ir', 'safetensors', 'polygraphy'):\n"
+                      "    sys.modules[m] = None\nfrom exporter.cli import main\nsys.exit(main(['serve', *sys.argv[1:]]))")
+SHORT = "Engineers from the town built it."  # fits the raw models' 48 tokens
+CONTEXT = "The bridge over the river was built by engineers from the town in the year 1850. " * 4  # windows
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`python -m exporter serve` in the serving environment, its output in a log file."""
+
+    def __init__(self, python: Path, artifacts: list[Path], log: Path, *options: str, ports=None):
+        self.http_port, self.grpc_port = ports or (free_port(), free_port())
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [str(python), "-c", SERVE_AS_INSTALLED, *map(str, artifacts), "--port", str(self.http_port),
+                 "--grpc-port", str(self.grpc_port), *options], stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "serving on" not in self.text():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.text()[-3000:]
+            time.sleep(0.2)
+        self.http = f"127.0.0.1:{self.http_port}"
+        self.grpc = f"127.0.0.1:{self.grpc_port}"
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def triton_pid(self) -> int:
+        """The tritonserver process that `serve` started."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                return int(stat.parent.name)
+        raise AssertionError("serve has no child process")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(90)
+
+    def status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http}{path}", timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+
+def tampered_copy(manifest: Path, into: Path) -> Path:
+    """A copy of an artifact with one byte of its graph changed after the build."""
+    into.mkdir()
+    for file in manifest.parent.iterdir():
+        if file.name.startswith(manifest.stem + "."):
+            shutil.copy(file, into / file.name)
+    graph = into / f"{manifest.stem}.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    return into / manifest.name
+
+
+@pytest.fixture(scope="module")
+def server(serving_python, built, tmp_path_factory):
+    work = tmp_path_factory.mktemp("served")
+    artifacts = [built["qa"][0], built["causal-lm"][0], built["sequence-classification"][0],
+                 tampered_copy(built["nsp"][0], work / "tampered")]
+    served = Server(serving_python, artifacts, work / "serve.log")
+    yield served
+    assert served.stop() == 0, served.text()[-3000:]
+    assert "stopping: in-flight requests finish first" in served.text()
+
+
+def infer(module, url: str, model: str, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    client = module.InferenceServerClient(url)
+    inputs = []
+    for name, value in feed.items():
+        tensor = module.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else
+                                   {"int64": "INT64", "int32": "INT32", "float32": "FP32"}[str(value.dtype)])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput(n) for n in outputs])
+    return {name: result.as_numpy(name) for name in outputs}
+
+
+def ask(module, url: str, model: str, arguments: dict):
+    """A text model's answer: JSON in, JSON out."""
+    request = np.array([json.dumps(arguments).encode()], dtype=np.object_)
+    return json.loads(infer(module, url, model, {"REQUEST": request}, ["RESULT"])["RESULT"][0])
+
+
+def encoded(session: Session, texts: list[str], pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+    return session.batch(session.encode(texts, pairs))
+
+
+def outputs_of(session: Session, graph: str) -> list[str]:
+    return [t["name"] for t in session.manifest.graphs[graph]["outputs"]]
+
+
+@pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_raw_models_answer_as_the_session_does(server, built, module):
+    url = server.http if module is httpclient else server.grpc
+    for head in ("qa", "sequence-classification"):
+        session = Session(built[head][0])
+        feed = encoded(session, ["Who built the bridge?", "When?"], [SHORT, "In 1850."])
+        served = infer(module, url, head, feed, outputs_of(session, "model"))
+        for name, expected in session.run(feed).items():
+            np.testing.assert_allclose(served[name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{head} {name}")
+    session = Session(built["causal-lm"][0])
+    prompt = {k: v for k, v in encoded(session, ["the river flows"]).items() if k != "token_type_ids"}
+    prompt["position_ids"] = np.arange(prompt["input_ids"].shape[1], dtype=np.int64)[None]
+    expected = session.run(prompt, "prefill")
+    served = infer(module, url, "causal-lm-prefill", prompt, outputs_of(session, "prefill"))
+    for name in expected:
+        np.testing.assert_allclose(served[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    step = {"input_ids": expected["logits"].argmax(-1).reshape(1, 1).astype(np.int64),
+            "attention_mask": np.ones((1, prompt["input_ids"].shape[1] + 1), np.int64),
+            "position_ids": np.array([[prompt["input_ids"].shape[1]]], np.int64),
+            **{name.replace("present", "past_key_values"): value for name, value in expected.items() if name != "logits"}}
+    served = infer(module, url, "causal-lm-decode", step, outputs_of(session, "decode"))
+    for name, value in session.run(step, "decode").items():
+        np.testing.assert_allclose(served[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_text_models_answer_as_the_session_does(server, built, module):
+    url = server.http if module is httpclient else server.grpc
+    cases = {"qa": ("answer", {"question": "Who built the bridge?", "context": CONTEXT, "top_k": 2}),
+             "sequence-classification": ("classify", {"text": ["a calm river", "the town"], "top_k": 2}),
+             "causal-lm": ("generate", {"prompt": "the river", "max_new_tokens": 6})}
+    for head, (helper, arguments) in cases.items():
+        expected = getattr(Session(built[head][0]), helper)(**arguments)
+        assert_same_result(ask(module, url, f"{head}-text", arguments), json.loads(json.dumps(expected)))
+
+
+def test_health_readiness_and_a_tampered_artifact_left_unavailable(server):
+    log = server.text()
+    for model in ("qa", "qa-text", "causal-lm-prefill", "causal-lm-decode", "sequence-classification-text"):
+        assert f"  {model}: READY" in log
+        assert server.status(f"/v2/models/{model}/ready") == 200
+    # the runtime's own message, in serve's summary and in Triton's log
+    assert "  nsp: UNAVAILABLE" in log and "  nsp-text: UNAVAILABLE" in log
+    assert log.count("contents differ from the manifest (sha256 mismatch)") >= 4
+    assert server.status("/v2/models/nsp/ready") == 400 and server.status("/v2/models/nsp-text/ready") == 400
+    assert server.status("/v2/health/live") == 200
+    assert server.status("/v2/health/ready") == 400  # strict readiness: a replica missing a model takes no traffic
+
+
+def test_bad_requests_get_the_runtimes_message_and_the_server_keeps_serving(server, built):
+    session = Session(built["qa"][0])
+    good = encoded(session, ["Who built the bridge?"], ["Engineers did."])
+    outputs = outputs_of(session, "model")
+    vocabulary = session.manifest.config["vocab_size"]
+    longest = session.manifest.shape_limits["sequence"][2]
+    wrong = {
+        "wrong dtype": ({**good, "input_ids": good["input_ids"].astype(np.int32)}, "INT32"),
+        "too long": ({k: np.ones((1, longest + 1), np.int64) for k in good}, f"{longest + 1}"),
+        "ids out of range": ({**good, "input_ids": np.full_like(good["input_ids"], vocabulary)},
+                             f"input_ids must lie in [0, {vocabulary})"),
+        "mask not 0/1": ({**good, "attention_mask": np.full_like(good["attention_mask"], 2)}, "attention_mask"),
+    }
+    for module, url in ((httpclient, server.http), (grpcclient, server.grpc)):
+        for case, (feed, message) in wrong.items():
+            with pytest.raises(InferenceServerException, match=re.escape(message)):
+                infer(module, url, "qa", feed, outputs)
+        for arguments, message in (({"question": "?", "context": "x", "top_k": 0}, "top_k"),
+                                   ({"helper": "generate", "prompt": "x"}, "not a helper"),
+                                   ({"question": "?"}, "context")):
+            with pytest.raises(InferenceServerException, match=message):
+                ask(module, url, "qa-text", arguments)
+        with pytest.raises(InferenceServerException, match="JSON object"):
+            infer(module, url, "qa-text", {"REQUEST": np.array([b"[1, 2]"], dtype=np.object_)}, ["RESULT"])
+        np.testing.assert_allclose(infer(module, url, "qa", good, outputs)["start_logits"],
+                                   session.run(good)["start_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_many_clients_batched_together_all_get_their_own_answer(server, built):
+    """16 concurrent clients x 200 requests of two lengths: no error, no mismatch, and Triton's dynamic
+    batcher did put requests together."""
+    session = Session(built["qa"][0])
+    questions = [("Who built the bridge?", SHORT), ("When was it built?", "In the year 1850."),
+                 ("Where?", "Over the river."), ("By whom?", SHORT[:40])]
+    feeds = [encoded(session, [q], [c]) for q, c in questions]
+    expected = [session.run(feed)["start_logits"] for feed in feeds]
+    problems: list[str] = []
+
+    def client(index: int) -> None:
+        connection = httpclient.InferenceServerClient(server.http)
+        for n in range(200):
+            which = (index + n) % len(feeds)
+            inputs = []
+            for name, value in feeds[which].items():
+                tensor = httpclient.InferInput(name, list(value.shape), "INT64")
+                tensor.set_data_from_numpy(value)
+                inputs.append(tensor)
+            try:
+                got = connection.infer("qa", inputs).as_numpy("start_logits")
+            except InferenceServerException as err:
+                problems.append(f"error: {err}")
+                continue
+            if not np.allclose(got, expected[which], rtol=1e-4, atol=1e-5):
+                problems.append(f"client {index} request {n}: wrong answer")
+
+    before = statistics(server, "qa")
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = statistics(server, "qa")
+    assert problems == []
+    inferences, executions = (after[k] - before[k] for k in ("inference_count", "execution_count"))
+    assert inferences == 16 * 200
+    assert executions < inferences  # batches of more than one request ran
+
+
+def statistics(server: Server, model: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://{server.http}/v2/models/{model}/stats", timeout=10) as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return {k: int(stats[k]) for k in ("inference_count", "execution_count")}
+
+
+def test_killed_under_load_clients_get_errors_never_wrong_answers_and_a_restart_serves(serving_python, built, tmp_path):
+    session = Session(built["qa"][0])
+    feed = encoded(session, ["Who built the bridge?"], [SHORT])
+    expected = session.run(feed)["start_logits"]
+    served = Server(serving_python, [built["qa"][0]], tmp_path / "first.log")
+    assert served.status("/v2/health/ready") == 200
+    outcomes = under_load(served, feed, expected, lambda: os.kill(served.triton_pid(), signal.SIGKILL))
+    assert outcomes["wrong"] == 0 and outcomes["right"] > 0 and outcomes["error"] > 0, outcomes
+    assert served.process.wait(30) == 1 and "the Triton server stopped by itself" in served.text()
+
+    again = Server(serving_python, [built["qa"][0]], tmp_path / "second.log", ports=(served.http_port, served.grpc_port))
+    np.testing.assert_allclose(infer(grpcclient, again.grpc, "qa", feed, ["start_logits"])["start_logits"], expected,
+                               rtol=1e-5, atol=1e-6)
+    # Ctrl-C under load: a clean stop (the module's server shows SIGTERM's)
+    outcomes = under_load(again, feed, expected, lambda: again.process.send_signal(signal.SIGINT))
+    assert outcomes["wrong"] == 0 and outcomes["right"] > 0, outcomes
+    assert again.process.wait(90) == 0 and "stopping: in-flight requests finish first" in again.text()
+
+
+def under_load(server: Server, feed: dict[str, np.ndarray], expected: np.ndarray, event) -> dict[str, int]:
+    """Four clients asking for 1.5 s, then `event`, then 1.5 s more: how many answers were right or wrong,
+    and how many calls failed."""
+    outcomes = {"right": 0, "wrong": 0, "error": 0}
+    stop = threading.Event()
+
+    def client() -> None:
+        connection = httpclient.InferenceServerClient(server.http, connection_timeout=5, network_timeout=5)
+        while not stop.is_set():
+            inputs = []
+            for name, value in feed.items():
+                tensor = httpclient.InferInput(name, list(value.shape), "INT64")
+                tensor.set_data_from_numpy(value)
+                inputs.append(tensor)
+            try:
+                got = connection.infer("qa", inputs).as_numpy("start_logits")
+                outcomes["right" if np.allclose(got, expected, rtol=1e-4, atol=1e-5) else "wrong"] += 1
+            except Exception:  # noqa: BLE001 - a refused or cut connection, whatever the client library raises
+                outcomes["error"] += 1
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    event()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_serve_without_triton_says_what_to_install(built, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else find_spec(name, *a))
+    assert main(["serve", str(built["qa"][0])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "megatron-deploy[serve]" in err
+
+
+def test_serve_refuses_numpy_2_and_a_taken_port(built, monkeypatch, capsys, tmp_path):
+    from exporter import serve
+
+    monkeypatch.setattr(np, "__version__", "2.0.0")
+    monkeypatch.setattr(serve.TritonInstall, "find", classmethod(lambda cls: cls(*[tmp_path] * 4)))
+    assert main(["serve", str(built["qa"][0])]) == 2
+    assert "numpy<2" in capsys.readouterr().err
+    monkeypatch.setattr(serve, "check_numpy", lambda: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(built["qa"][0]), "--port", str(taken.getsockname()[1])]) == 2
+    assert "choose another with --port" in capsys.readouterr().err
+    assert main(["serve", str(built["qa"][0]), "--grpc-port", "70000"]) == 2
