@@ -3,8 +3,9 @@
 Three sources, one result (a `LoadedModel`):
 - a Hugging Face model directory: config.json + model.safetensors (or sharded safetensors with their
   index, or pytorch_model.bin, read without running pickled code);
-- NVIDIA's Megatron checkpoint as released on NGC: the .zip with release/mp_rank_00/model_optim_rng.pt,
-  or that .pt itself; its names are mapped onto Hugging Face's by the tables below;
+- a Megatron-LM checkpoint: NVIDIA's NGC release (the .zip with release/mp_rank_00/model_optim_rng.pt),
+  that .pt itself, or a checkpoint folder or .zip of any tensor and pipeline parallelism (its ranks
+  merged by exporter.megatron_parallel); its names are mapped onto Hugging Face's by the tables below;
 - a seeded random initialization of any config.
 """
 
@@ -18,6 +19,8 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,6 +33,7 @@ from torch import Tensor
 from runtime.errors import UserError
 from runtime.files import read_json, sha256_of
 
+from . import megatron_parallel
 from .config import MegatronBertConfig
 from .model import HeadModel, build_head, init_weights
 
@@ -246,20 +250,16 @@ def megatron_config(tensors: StateDict, args: Any, given: dict[str, Any], source
     return MegatronBertConfig.from_hf_dict({**stated, **given})
 
 
-def extract_checkpoint(file: Path, archive: zipfile.ZipFile, into: Path) -> Path:
-    """The zip's model_optim_rng.pt, copied out after its member names and sizes were checked: no member
-    may point outside the archive, nor unpack to more than this machine's memory or far beyond what it
-    compresses to (a 2 MB zip of 2 GB of zeros is no checkpoint)."""
+def check_member_names(file: Path, archive: zipfile.ZipFile) -> None:
     for info in archive.infolist():
         if info.filename.startswith(("/", "\\")) or ".." in PurePosixPath(info.filename.replace("\\", "/")).parts:
             raise CheckpointError(f"{file}: member {info.filename!r} points outside the archive")
-    members = [i for i in archive.infolist() if i.filename.endswith("model_optim_rng.pt")]
-    if not members:
-        raise CheckpointError(f"{file}: no .../mp_rank_00/model_optim_rng.pt in this zip")
-    if len(members) > 1 and not any("mp_rank_00/" in m.filename for m in members):
-        raise CheckpointError(f"{file}: model-parallel checkpoints are not supported "
-                              f"({len(members)} ranks); merge them to one rank first")
-    member = next((m for m in members if "mp_rank_00/" in m.filename), members[0])
+
+
+def extract_member(file: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo, into: Path) -> Path:
+    """One model_optim_rng.pt of the zip, copied out after its sizes were checked: it may not unpack to
+    more than this machine's memory or far beyond what it compresses to (a 2 MB zip of 2 GB of zeros is
+    no checkpoint)."""
     have = available_memory()
     if have is not None and member.file_size > have:
         raise CheckpointError(f"{file}: {member.filename} unpacks to {member.file_size / 2**30:.1f} GiB, more than "
@@ -274,24 +274,110 @@ def extract_checkpoint(file: Path, archive: zipfile.ZipFile, into: Path) -> Path
     return target
 
 
-def read_megatron(file: Path, given: dict[str, Any]) -> tuple[StateDict, MegatronBertConfig, list[str]]:
-    if file.suffix == ".zip":
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                with zipfile.ZipFile(file) as archive:
-                    checkpoint = load_pickle(extract_checkpoint(file, archive, Path(tmp)))
-            except (zipfile.BadZipFile, EOFError) as err:
-                raise CheckpointError(f"{file}: corrupt or truncated zip ({err})") from None
-    else:
-        checkpoint = load_pickle(file)
+def select_ranks(files: list[PurePosixPath], tracker: str | None) -> dict[tuple[int, int], PurePosixPath]:
+    """(tensor rank, stage) -> its model_optim_rng.pt, among `files` (paths inside the checkpoint): those of
+    the iteration latest_checkpointed_iteration.txt names, or of the only one there is."""
+    by_iteration: dict[PurePosixPath, dict[tuple[int, int], PurePosixPath]] = {}
+    for file in files:
+        rank = megatron_parallel.rank_of(file.parent.name)
+        if rank is not None:
+            by_iteration.setdefault(file.parent.parent, {})[rank] = file
+    if not by_iteration:
+        if len(files) == 1:  # a lone model_optim_rng.pt: one rank, whatever its folder is called
+            return {(0, 0): files[0]}
+        raise UserError(f"no .../mp_rank_00/model_optim_rng.pt in this {'zip' if files else 'checkpoint'}")
+    if tracker is not None:
+        wanted = megatron_parallel.iteration_folder(tracker)
+        chosen = [folder for folder in by_iteration if folder.name == wanted]
+        if not chosen:
+            raise UserError(f"latest_checkpointed_iteration.txt names {wanted}, which holds no mp_rank_* folders")
+        return by_iteration[chosen[0]]
+    if len(by_iteration) > 1:
+        raise UserError(f"ranks of several iterations ({', '.join(sorted(str(f) for f in by_iteration))}) and no "
+                        "latest_checkpointed_iteration.txt to say which to read")
+    return next(iter(by_iteration.values()))
+
+
+def rank_readers(path: Path, stack: ExitStack) -> dict[tuple[int, int], Callable[[], Any]]:
+    """How to load each rank's checkpoint dict of a Megatron .pt, .zip or directory, one at a time."""
+    if path.suffix == ".pt":
+        return {(0, 0): reader(path)}
+    if path.suffix == ".zip":
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        check_member_names(path, archive)
+        members = {PurePosixPath(m.filename): m for m in archive.infolist() if m.filename.endswith("/model_optim_rng.pt")
+                   or m.filename == "model_optim_rng.pt"}
+        trackers = sorted((m for m in archive.namelist() if m.endswith("latest_checkpointed_iteration.txt")), key=len)
+        tracker = archive.read(trackers[0]).decode(errors="replace") if trackers else None
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+
+        def from_zip(member: zipfile.ZipInfo) -> Callable[[], Any]:
+            return lambda: load_pickle(extract_member(path, archive, member, scratch))
+
+        return {rank: from_zip(members[file]) for rank, file in select_ranks(list(members), tracker).items()}
+    files = [PurePosixPath(p.relative_to(path).as_posix()) for pattern in ("*/model_optim_rng.pt", "*/*/model_optim_rng.pt")
+             for p in path.glob(pattern)]
+    tracker_file = path / "latest_checkpointed_iteration.txt"
+    tracker = tracker_file.read_text(errors="replace") if tracker_file.exists() else None
+    return {rank: reader(path / file) for rank, file in select_ranks(files, tracker).items()}
+
+
+def reader(file: Path) -> Callable[[], Any]:
+    return lambda: load_pickle(file)
+
+
+def checked_checkpoint(checkpoint: Any, path: Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
-        raise CheckpointError(f"{file}: not a Megatron checkpoint (no 'model' dict)")
-    tensors = flatten(checkpoint.get("model", checkpoint))
+        raise CheckpointError(f"{path}: not a Megatron checkpoint (no 'model' dict)")
+    return checkpoint
+
+
+def is_megatron_folder(path: Path) -> bool:
+    """Megatron-LM's layout: latest_checkpointed_iteration.txt, or mp_rank_* folders in it or one level down."""
+    return (path / "latest_checkpointed_iteration.txt").exists() or any(path.glob("mp_rank_*")) \
+        or any(path.glob("*/mp_rank_*"))
+
+
+def read_megatron_tensors(path: Path) -> tuple[StateDict, Any, float]:
+    """The checkpoint's tensors (Megatron's names, ranks and stages merged), its args and its version.
+    Ranks are read one at a time and joined as they come, so memory holds about one copy of the model."""
+    with ExitStack() as stack:
+        try:
+            readers = rank_readers(path, stack)
+            tensor_ranks, stage_count = megatron_parallel.check_grid(list(readers), None)
+            first = checked_checkpoint(readers[(0, 0)](), path)
+            args, version = first.get("args"), float(first.get("checkpoint_version", 0) or 0)
+            megatron_parallel.check_grid(list(readers), args)
+            stages = []
+            for stage in range(stage_count):
+                ranks, names = [], []
+                for tensor in range(tensor_ranks):
+                    name = megatron_parallel.folder_name(tensor, stage, stage_count)
+                    checkpoint = first if (tensor, stage) == (0, 0) else checked_checkpoint(readers[(tensor, stage)](), path)
+                    if float(checkpoint.get("checkpoint_version", 0) or 0) != version:
+                        raise UserError(f"{name} is of checkpoint_version {checkpoint.get('checkpoint_version')}, "
+                                        f"mp_rank_00 of {version}")
+                    ranks.append(flatten(checkpoint.get("model", checkpoint)))
+                    names.append(name)
+                    first = checkpoint = {}  # what else the rank saved (optimizer state) goes now
+                stages.append(megatron_parallel.merge_tensor_parallel(ranks, version, names))
+            tensors = megatron_parallel.merge_pipeline(stages, [f"stage {p}" for p in range(stage_count)],
+                                                       getattr(args, "num_layers", None))
+        except (zipfile.BadZipFile, EOFError) as err:
+            raise CheckpointError(f"{path}: corrupt or truncated zip ({err})") from None
+        except CheckpointError:
+            raise
+        except UserError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    return tensors, args, version
+
+
+def read_megatron(file: Path, given: dict[str, Any]) -> tuple[StateDict, MegatronBertConfig, list[str]]:
+    tensors, args, version = read_megatron_tensors(file)
     if "language_model.embedding.word_embeddings.weight" not in tensors:
         raise CheckpointError(f"{file}: not a Megatron BERT checkpoint (no language_model.embedding)")
     notes: list[str] = []
-    config = megatron_config(tensors, checkpoint.get("args"), given, file)
-    version = float(checkpoint.get("checkpoint_version", 0) or 0)
+    config = megatron_config(tensors, args, given, file)
 
     state: StateDict = {}
     for name, tensor in tensors.items():
@@ -382,23 +468,24 @@ def check_memory(config: MegatronBertConfig, source: str) -> None:
 
 def load(head: str, source: str | Path, *, config: MegatronBertConfig | dict[str, Any] | None = None,
          allow_random_head: bool = False, seed: int = 0, memory_check: bool = True) -> LoadedModel:
-    """Build `head` with the weights at `source` (a HF directory, a Megatron .zip or .pt). `config`, a
+    """Build `head` with the weights at `source` (a HF directory; a Megatron folder, .zip or .pt). `config`, a
     config or just some of its fields (Hugging Face names), overrides what the checkpoint states."""
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (a Hugging Face model directory, "
-                              "or a Megatron .zip / model_optim_rng.pt)")
+                              "or a Megatron-LM checkpoint folder, .zip or model_optim_rng.pt)")
     given = config.to_hf_dict() if isinstance(config, MegatronBertConfig) else dict(config or {})
     notes: list[str] = []
-    if path.is_dir():
+    if path.is_dir() and not is_megatron_folder(path):
         kind = "huggingface"
         if not (path / "config.json").exists() and not given:
             raise CheckpointError(f"{path}: no config.json in this model directory (or pass --config)")
         stored = read_json(path / "config.json", "config") if (path / "config.json").exists() else {}
         config = MegatronBertConfig.from_hf_dict({**stored, **given})
         state, files = read_hf_weights(path)
-    elif path.suffix in (".zip", ".pt"):
-        kind, files = "megatron", [path]
+    elif path.is_dir() or path.suffix in (".zip", ".pt"):
+        kind = "megatron"
+        files = sorted(path.rglob("*.pt")) + sorted(path.glob("latest_*.txt")) if path.is_dir() else [path]
         state, config, notes = read_megatron(path, given)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected a Hugging Face model directory, "

@@ -39,7 +39,7 @@ def parser() -> Parser:
     b.add_argument("--head", required=True, choices=list(HEADS), metavar="HEAD",
                    help=f"one of: {', '.join(HEADS)}")
     b.add_argument("--precision", default="fp32", choices=PRECISIONS, help="default: fp32")
-    b.add_argument("--checkpoint", metavar="PATH", help="a Hugging Face model directory or a Megatron .zip / .pt "
+    b.add_argument("--checkpoint", metavar="PATH", help="a Hugging Face model directory, or a Megatron-LM checkpoint folder, .zip or .pt (any tensor/pipeline parallelism) "
                    "(default: the recipe's). 'demo': small models trained here for every head; 'demo-random': the "
                    "same shape with random weights; 'random:CONFIG.json': seeded random weights of any config")
     b.add_argument("--config", metavar="FILE", help="a Hugging Face config.json, whole or just some fields, over "
