@@ -13,6 +13,7 @@ import ctypes.util
 import gc
 import os
 import platform
+import resource
 import shutil
 import time
 from contextlib import contextmanager
@@ -94,7 +95,8 @@ def step(log: Log, what: str) -> Iterator[None]:
     log(f"- {what} ...")
     start = time.perf_counter()
     yield
-    log(f"  done in {time.perf_counter() - start:.1f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, the most this process held yet
+    log(f"  done in {time.perf_counter() - start:.1f} s (peak memory so far {peak:.2f} GiB)")
 
 
 def build(options: BuildOptions, log: Log = _say) -> Path:

@@ -69,14 +69,9 @@ class Server:
 
     def triton_pid(self) -> int:
         """The tritonserver process that `serve` started."""
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:
-                return int(stat.parent.name)
-        raise AssertionError("serve has no child process")
+        started = children(self.process.pid)
+        assert len(started) == 1, started
+        return started[0]
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -89,6 +84,18 @@ class Server:
                 return response.status
         except urllib.error.HTTPError as err:
             return err.code
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def tampered_copy(manifest: Path, into: Path) -> Path:
@@ -270,9 +277,16 @@ def test_killed_under_load_clients_get_errors_never_wrong_answers_and_a_restart_
     expected = session.run(feed)["start_logits"]
     served = Server(serving_python, [built["qa"][0]], tmp_path / "first.log")
     assert served.status("/v2/health/ready") == 200
-    outcomes = under_load(served, feed, expected, lambda: os.kill(served.triton_pid(), signal.SIGKILL))
+    triton = served.triton_pid()
+    models = children(triton)  # the Python backend's model processes
+    assert models
+    outcomes = under_load(served, feed, expected, lambda: os.kill(triton, signal.SIGKILL))
     assert outcomes["wrong"] == 0 and outcomes["right"] > 0 and outcomes["error"] > 0, outcomes
     assert served.process.wait(30) == 1 and "the Triton server stopped by itself" in served.text()
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in models) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in models), "model processes outlived their server"
 
     again = Server(serving_python, [built["qa"][0]], tmp_path / "second.log", ports=(served.http_port, served.grpc_port))
     np.testing.assert_allclose(infer(grpcclient, again.grpc, "qa", feed, ["start_logits"])["start_logits"], expected,
