@@ -5,7 +5,9 @@ steps as they go (each with its time and the peak memory reached so far), then p
 the peak resident memory against the fp32 weights' size, and the files written.
 
     python benchmarks/export_sizes.py [--size 345m|1.3b|3.9b] [--precision fp32|fp16|int8] [--head qa]
-        [--max-batch 8] [--max-sequence 384]
+        [--max-batch 8] [--max-sequence 384] [--out DIR]
+
+Without --out the artifact is built into a temporary folder under artifacts/ and removed afterwards.
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--max-batch", default="8")
     parser.add_argument("--max-sequence", default="384")
+    parser.add_argument("--out", type=Path, help="keep the artifact here (named SIZE-PRECISION)")
     args = parser.parse_args()
     config_file = ROOT / "benchmarks" / f"megatron-bert-{args.size}.json"
     weights = parameters(json.loads(config_file.read_text())) * 4 / 2**30
-    with tempfile.TemporaryDirectory(dir=ROOT / "artifacts") as out:
+    with tempfile.TemporaryDirectory(dir=ROOT / "artifacts") as scratch:
+        out = str(args.out or scratch)
         command = [sys.executable, "-m", "exporter", "build", "--head", args.head, "--precision", args.precision,
                    "--checkpoint", f"random:{config_file}",
                    "--tokenizer", str(ROOT / "exporter" / "demo" / "vocab.txt"), "--out", out,
                    "--max-batch", args.max_batch, "--max-sequence", args.max_sequence,
-                   "--eval-data", "none"]  # random weights: no task to measure; the export's cost is the point
+                   "--eval-data", "none",  # random weights: no task to measure; the export's cost is the point
+                   *(["--name", f"{args.size}-{args.precision}"] if args.out else [])]
         start = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT)
         wall = time.perf_counter() - start
