@@ -1,21 +1,8 @@
 import sys
 
+from .interrupts import exit_at_once
 
-def _interrupted(err: BaseException | None) -> bool:
-    """Ctrl-C, also where a C extension's import turned it into an ImportError (onnxruntime's does)."""
-    while err is not None:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+with exit_at_once():
+    from .cli import main  # imports onnxruntime: a second in which Ctrl-C may come
 
-
-try:
-    from .cli import main  # imports onnxruntime (and torch for builds): seconds in which Ctrl-C may come
-
-    sys.exit(main())
-except (KeyboardInterrupt, ImportError) as err:
-    if not _interrupted(err):
-        raise
-    print("interrupted; nothing was written", file=sys.stderr)
-    sys.exit(130)
+sys.exit(main())

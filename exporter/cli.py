@@ -17,6 +17,7 @@ from runtime.errors import UserError
 from runtime.heads import HEADS
 
 from .errors import ValidationFailed
+from .interrupts import exit_at_once
 from .recipes import BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
 from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
 from .triton import QUEUE_DELAY_US
@@ -166,7 +167,8 @@ def sizes(text: str) -> list[int]:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    from . import bench
+    with exit_at_once():
+        from . import bench
 
     if args.iterations < 1 or args.warmup < 0 or args.new_tokens < 1:
         raise UserError("--iterations and --new-tokens must be at least 1, --warmup at least 0")
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(args)
             return 0
         if args.command == "build-all":
-            from .build_all import build_all
+            with exit_at_once():
+                from .build_all import build_all
 
             return 0 if build_all(args.recipes, args.heads, args.precisions, args.out, args.backend, print) else 1
         if args.command == "triton":
@@ -274,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             text, good = report(args.target, args.public_key)
             print(text)
             return 0 if good else 1
-        from .build import BuildOptions, build  # torch and onnx: only the commands that build import them
+        with exit_at_once():
+            from .build import BuildOptions, build  # torch and onnx: only the commands that build import them
 
         build(BuildOptions(head=args.head, precision=args.precision, checkpoint=args.checkpoint,
                            config=args.config, tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
