@@ -27,7 +27,6 @@ from runtime.errors import UserError
 StateDict = dict[str, Tensor]
 
 RANK_FOLDER = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-ITERATION_FOLDER = re.compile(r"^(release|iter_\d{7})$")
 QKV = re.compile(r"\.(?:self_)?attention\.query_key_value\.(weight|bias)$")
 COLUMN = re.compile(r"\.mlp\.dense_h_to_4h\.(weight|bias)$")
 ROW = re.compile(r"\.(?:(?:self_)?attention\.dense|mlp\.dense_4h_to_h)\.weight$")
