@@ -221,3 +221,9 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    # A server that died without stopping its models (SIGKILL, a crash) leaves their processes hung in exit
+    # (seen: every thread waiting on a futex), holding their artifacts; they share the server's process group.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -19,9 +19,6 @@ model's version folder or absolute).
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -41,26 +38,12 @@ def artifact_path(args: dict[str, str]) -> Path:
     return named if named.is_absolute() else Path(args["model_repository"]) / args["model_version"] / named
 
 
-def exit_with_the_server() -> None:
-    """End this model's process when the server that started it is gone: a server killed outright (no
-    time to stop its models) would otherwise leave each model's process behind, holding its artifact."""
-    server = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == server:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-the-server", daemon=True).start()
-
-
 def error_response(err: Exception) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err)))
 
 
 class GraphModel:
     def initialize(self, args: dict[str, str]) -> None:
-        exit_with_the_server()
         config = json.loads(args["model_config"])
         self.graph = config["parameters"]["graph"]["string_value"]
         self.batched = config["max_batch_size"] > 0
@@ -119,7 +102,6 @@ class TritonModels:
 
 class TextModel:
     def initialize(self, args: dict[str, str]) -> None:
-        exit_with_the_server()
         path = artifact_path(args)
         manifest = Manifest.load(path)
         # The graphs run elsewhere; still, where the artifact's files sit beside the manifest (as when
