@@ -15,6 +15,7 @@ import platform
 import re
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from runtime import Session, tensorrt_backend
+from runtime import Session, openvino_backend, tensorrt_backend
 from runtime.errors import UserError
 from runtime.evaluation import evaluate, read_examples
 from runtime.generation import Generator, SamplingOptions
@@ -107,6 +108,9 @@ def sessions(path: Path) -> list[tuple[str, Callable[[], Session]]]:
         return lambda: Session(path, backend="onnxruntime", providers=chain)
 
     openers = [(f"onnxruntime/{p.removesuffix('ExecutionProvider')}", onnxruntime(p)) for p in preferred]
+    if openvino_backend.usable() is None:  # int8: its Q/DQ graph; floats: fp32, and bf16 where the CPU has it
+        float_precisions = ["fp32"] if manifest.precision == "int8" else ["fp32", "bf16"][:1 + openvino_backend.native_bf16()]
+        openers += [("openvino/CPU", partial(Session, path, backend="openvino", precision=p)) for p in float_precisions]
     if manifest.engines and tensorrt_backend.usable() is None:
         openers.append(("tensorrt", lambda: Session(path, backend="tensorrt")))
     return openers
@@ -171,7 +175,7 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
             for length in lengths:
                 feed = feeds[batch, length]
                 times = timed(lambda: session.run(feed), warmup, iterations)
-                result = figures(manifest.name, manifest.precision, label, batch, length, times,
+                result = figures(manifest.name, session.precision, label, batch, length, times,
                                  int(feed["attention_mask"].sum()))
                 if expected:
                     actual = session.run(feed)
@@ -213,7 +217,7 @@ def bench_generation(path: Path, manifest: Manifest, batches: list[int], lengths
                 generator = Generator(session, options)
                 generator.stop_ids = set()  # always make new_tokens tokens
                 runs = [step_times(generator.steps(prompts)) for _ in range(iterations + 1)][1:]  # first: warm-up
-                results.append(generation_figures(manifest, label, batch, length, new_tokens, runs))
+                results.append(generation_figures(manifest, session.precision, label, batch, length, new_tokens, runs))
         with_task(results[first:], measure_task(session))
         del session, generator
     if model is not None:
@@ -222,7 +226,7 @@ def bench_generation(path: Path, manifest: Manifest, batches: list[int], lengths
                 ids = torch.from_numpy(np.random.default_rng(0).integers(5, manifest.config["vocab_size"], (batch, length)))
                 for label, steps in torch_generators(model, manifest, ids, new_tokens).items():
                     runs = [step_times(steps()) for _ in range(iterations + 1)][1:]
-                    results.append(generation_figures(manifest, label, batch, length, new_tokens, runs))
+                    results.append(generation_figures(manifest, "fp32", label, batch, length, new_tokens, runs))
         with_task([r for r in results if r.backend == "pytorch kv cache"],
                   measure_task(Session(path, backend=TorchBackend(model))))
         onnx_rows = [r for r in results if not r.backend.startswith(("pytorch", "transformers"))]
@@ -239,11 +243,10 @@ def step_times(steps: Any) -> np.ndarray:
     return np.array(marks)
 
 
-def generation_figures(manifest: Manifest, label: str, batch: int, length: int, new_tokens: int,
+def generation_figures(manifest: Manifest, precision: str, label: str, batch: int, length: int, new_tokens: int,
                        runs: list[np.ndarray]) -> Figures:
     totals = np.array([r[-1] for r in runs])
-    result = figures(manifest.name, manifest.precision if "pytorch" not in label else "fp32", label, batch, length,
-                     totals, batch * new_tokens)
+    result = figures(manifest.name, precision, label, batch, length, totals, batch * new_tokens)
     if all(len(r) == new_tokens for r in runs):  # a mark per token (transformers' generate() gives one in all)
         result.first_token_ms = float(np.median([r[0] for r in runs]) * 1000)
         result.per_token_ms = float(np.median([np.diff(r).mean() for r in runs]) * 1000) if new_tokens > 1 else None
@@ -310,7 +313,8 @@ def machine() -> dict[str, Any]:
             "physical_cores": len(cores) or None,  # ONNX Runtime's default thread count
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "onnxruntime_providers": ort.get_available_providers(),
-            "tensorrt": tensorrt_backend.usable() or "available"}
+            "tensorrt": tensorrt_backend.usable() or "available",
+            "openvino": openvino_backend.usable() or ("native bf16" if openvino_backend.native_bf16() else "no native bf16")}
 
 
 def default_lengths(limits: list[int], plotting: bool) -> list[int]:

@@ -30,11 +30,12 @@ import onnxruntime
 import torch
 from tokenizers import Tokenizer
 
-from runtime import tensorrt_backend
+from runtime import openvino_backend, tensorrt_backend
 from runtime.errors import UserError
 from runtime.files import read_json, sha256_of
 from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
-from runtime.backends import OnnxRuntimeBackend
+from runtime.backends import Backend, OnnxRuntimeBackend
+from runtime.openvino_backend import OpenVinoBackend
 from runtime.manifest import Manifest
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
@@ -43,9 +44,9 @@ from . import calibration, checkpoints, demo
 from .accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
 from .checkpoints import LoadedModel
 from .config import MegatronBertConfig
-from .onnx_export import export_graph
+from .onnx_export import export_graph, written
 from .precision import to_fp16
-from .quantize import chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
+from .quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
 from .errors import ValidationFailed
 from .publish import publish, staging_folder
 from .recipes import BACKENDS, PRECISIONS, Recipe, load_recipe
@@ -259,14 +260,10 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
     """Write the graphs (and engines), tokenizer and manifest of one artifact into `staging`."""
     spec, config, precision = recipe.spec, loaded.config, options.precision
     hf_config = config.to_hf_dict()
-    fp32: dict[str, Path] = {}
-    graphs: dict[str, Path] = {}  # what ONNX Runtime runs
-    for graph in spec.graphs:
-        graphs[graph] = staging / graph_file(name, graph)
-        fp32[graph] = graphs[graph] if precision == "fp32" else staging / "fp32" / graphs[graph].name
-        fp32[graph].parent.mkdir(exist_ok=True)
-        with step(log, f"exporting {fp32[graph].name} (fp32)"):
-            export_graph(loaded.model, spec, graph, config, fp32[graph])
+    graphs = {graph: staging / graph_file(name, graph) for graph in spec.graphs}  # what ONNX Runtime runs
+    for graph, path in graphs.items():
+        with step(log, f"exporting {path.name} (fp32)"):
+            export_graph(loaded.model, spec, graph, config, path)
     tokenizer_file = f"{name}.tokenizer.json"
     tokenizer.save(str(staging / tokenizer_file))
     manifest = Manifest(
@@ -285,6 +282,19 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
         source={"checkpoint": loaded.report.source, "kind": loaded.report.kind, "sha256": loaded.report.sha256,
                 "notes": loaded.report.notes, "unused_weights": loaded.report.unused,
                 "randomly_initialized": loaded.report.randomly_initialized})
+    if evaluation:
+        with step(log, f"measuring PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
+            evaluation.measure(REFERENCE, manifest, staging, TorchBackend(loaded.model))
+    tolerance = recipe.tolerance[precision]
+    with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
+        cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
+    # Free its weights before anything else loads a copy (converter, quantizer, ONNX Runtime): the
+    # outputs are all we need, and two copies of a 3.9B model do not fit in 24 GB.
+    loaded.model.to("meta")
+    give_back_freed_memory()
+
+    # fp16 and int8 are made from the fp32 graphs, kept aside in fp32/ until the artifact is complete
+    fp32 = graphs if precision == "fp32" else {graph: set_aside(path, staging / "fp32") for graph, path in graphs.items()}
     for_tensorrt = dict(graphs)  # what TensorRT builds from
     int8: Int8 | None = None
     if precision == "fp16":
@@ -294,23 +304,21 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
     elif calibration_set is not None:
         int8 = Int8(spec, recipe, calibration_set, name, tokenizer, fp32, graphs, staging, log)
         for_tensorrt = int8.quantize(int8.forced)
-
-    if evaluation:
-        with step(log, f"measuring PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
-            evaluation.measure(REFERENCE, manifest, staging, TorchBackend(loaded.model))
-    tolerance = recipe.tolerance[precision]
-    with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
-        cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
-    loaded.model.to("meta")  # free its weights before ONNX Runtime loads its own copy: the outputs are all we need
-    give_back_freed_memory()
-    forms = {"onnxruntime": graphs, **({"onnxruntime q/dq": for_tensorrt} if precision == "int8" else {})}
-    results, accuracy_problems = check_forms(forms, cases, spec, tolerance, evaluation, manifest, staging, log)
-    if int8 is not None and evaluation is not None and accuracy_problems:
-        results, accuracy_problems = int8.repair(evaluation, lambda: check_forms(
-            forms, cases, spec, tolerance, evaluation, manifest, staging, log), results, accuracy_problems)
-    # The task metric decides fp16 and int8 where there is one; logit tolerances decide the rest.
-    problems = failures(results) if precision == "fp32" or evaluation is None else []
-    problems += accuracy_problems
+    forms = [Form("onnxruntime", precision, graphs), *([Form("onnxruntime q/dq", precision, for_tensorrt)]
+                                                       if precision == "int8" else []),
+             *openvino_forms(precision, graphs, for_tensorrt)]
+    measured = check_forms(forms, cases, spec, recipe.tolerance, evaluation, manifest, staging, log)
+    stopped: list[str] = []
+    if int8 is not None and evaluation is not None and required_problems(forms, *measured, evaluation):
+        measured, stopped = int8.repair(evaluation, lambda: check_forms(
+            forms, cases, spec, recipe.tolerance, evaluation, manifest, staging, log), measured,
+            lambda again: required_problems(forms, *again, evaluation))
+    results, accuracy = measured
+    problems = required_problems(forms, results, accuracy, evaluation) + stopped
+    verdicts = {form.name: not form_problems(form, results, accuracy, evaluation) for form in forms}
+    for form in (f for f in forms if not f.required and not verdicts[f.name]):
+        log(f"note: {form.name} failed validation; Session's backend='auto' will not use it "
+            f"({'; '.join(form_problems(form, results, accuracy, evaluation))})")
     if int8 is not None:
         problems = calibration_problems(int8.record, recipe) + problems
         if problems:
@@ -323,14 +331,15 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
         engine_results, engine_problems = make_engines(cases, spec, recipe, options, name, for_tensorrt, staging,
                                                        tensorrt_record, hf_config, evaluation, manifest, log)
         results, problems = results + engine_results, engine_problems
+        verdicts["tensorrt"] = not engine_problems
         engines = {graph: {"file": graph_file(name, graph, ".plan")} for graph in spec.graphs}
 
     shutil.rmtree(staging / "fp32", ignore_errors=True)
     for graph, path in for_tensorrt.items():
         if path != graphs[graph]:
             manifest.graphs[graph]["tensorrt_file"] = path.name
-    manifest.validation = summary(results, precision, tolerance, problems)
-    manifest.accuracy = evaluation.record(precision, list(evaluation.results)[1:]) if evaluation else {}
+    manifest.validation = summary(results, precision, tolerance, problems, verdicts)
+    manifest.accuracy = evaluation.record(precision, [f.name for f in forms if f.required]) if evaluation else {}
     manifest.quantization = int8.record if int8 else {}
     manifest.engines, manifest.tensorrt = engines, tensorrt_record
     manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -340,26 +349,84 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
     return manifest
 
 
-def check_forms(forms: dict[str, dict[str, Path]], cases: list[Case], spec: HeadSpec, tolerance: dict[str, float],
+def set_aside(graph: Path, folder: Path) -> Path:
+    """Move a graph with its external data into `folder` (where the data's relative location still holds)."""
+    folder.mkdir(exist_ok=True)
+    for file in written(graph):
+        file.rename(folder / file.name)
+    return folder / graph.name
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way the artifact runs, validated against PyTorch: a backend over some of its graph files,
+    judged by the bounds of `precision`. A form not `required` (OpenVINO's) may fail without failing
+    the build; the manifest records it, and runtime.Session's backend="auto" passes it over."""
+    name: str
+    precision: str
+    files: dict[str, Path]
+    float_precision: str | None = None  # OpenVINO's compute for float tensors; None: ONNX Runtime runs it
+
+    @property
+    def required(self) -> bool:
+        return self.float_precision is None
+
+    def open(self) -> Backend:
+        if self.required:
+            return OnnxRuntimeBackend(self.files, ["CPUExecutionProvider"])
+        return OpenVinoBackend(self.files, self.float_precision, cache=False)
+
+
+def openvino_forms(precision: str, graphs: dict[str, Path], qdq: dict[str, Path]) -> list[Form]:
+    """What OpenVINO would run here, where it is installed: the Q/DQ graph for int8, the float graphs
+    in fp32, and in bf16 too for fp32 artifacts on a CPU with native bf16."""
+    if openvino_backend.usable() is not None:
+        return []
+    if precision == "int8":
+        return [Form("openvino", precision, qdq, "fp32")]
+    bf16 = [Form("openvino bf16", "bf16", graphs, "bf16")] if precision == "fp32" and openvino_backend.native_bf16() else []
+    return [Form("openvino", precision, graphs, "fp32"), *bf16]
+
+
+Accuracy = dict[str, list[str]]  # form -> how its task metric fell too far (empty: it held)
+Measured = tuple[list[Comparison], Accuracy]
+
+
+def check_forms(forms: list[Form], cases: list[Case], spec: HeadSpec, tolerances: dict[str, dict[str, float]],
                 evaluation: Evaluation | None, manifest: Manifest, staging: Path, log: Log
-                ) -> tuple[list[Comparison], list[str]]:
+                ) -> Measured:
     """Each form's outputs against PyTorch's (logits), and its task accuracy where there is an
-    evaluation set; returns the comparisons and the accuracy problems."""
+    evaluation set; one form loaded at a time (at 3.9B, two copies do not fit)."""
     results = []
-    for backend, paths in forms.items():
-        with step(log, f"validating ({backend}, CPU) against PyTorch"):
-            results += validate(cases, {graph: ort_runner(path) for graph, path in paths.items()}, spec, tolerance,
-                                backend)
+    for form in forms:
+        backend = form.open()
+        with step(log, f"validating ({form.name}, CPU) against PyTorch"):
+            results += validate(cases, {graph: partial(backend.run, graph) for graph in form.files}, spec,
+                                tolerances[form.precision], form.name)
         if evaluation:
-            with step(log, f"measuring {backend}'s task accuracy"):
-                evaluation.measure(backend, manifest, staging, OnnxRuntimeBackend(paths, ["CPUExecutionProvider"]))
+            with step(log, f"measuring {form.name}'s task accuracy"):
+                evaluation.measure(form.name, manifest, staging, backend)
+        del backend
     log(table(results))
     if not evaluation:
-        return results, []
+        return results, {}
     if manifest.precision != "fp32":
         log(f"  ({manifest.precision}: agreement with PyTorch's outputs is reported above; the task metric decides)")
     log(evaluation.table())
-    return results, evaluation.problems(manifest.precision, list(forms))
+    return results, {form.name: evaluation.problems(form.precision, [form.name]) for form in forms}
+
+
+def form_problems(form: Form, results: list[Comparison], accuracy: Accuracy, evaluation: Evaluation | None
+                  ) -> list[str]:
+    """Why a form fails: the task metric decides fp16, bf16 and int8 where there is one; logit
+    tolerances decide the rest."""
+    by_logits = form.precision == "fp32" or evaluation is None
+    return (failures([r for r in results if r.backend == form.name]) if by_logits else []) + accuracy.get(form.name, [])
+
+
+def required_problems(forms: list[Form], results: list[Comparison], accuracy: Accuracy,
+                      evaluation: Evaluation | None) -> list[str]:
+    return [problem for form in forms if form.required for problem in form_problems(form, results, accuracy, evaluation)]
 
 
 @dataclass(frozen=True)
@@ -411,8 +478,12 @@ class Int8:
     def quantize(self, keep_float: list[str]) -> dict[str, Path]:
         """Write both forms with `keep_float` (module-path globs) left in float; returns the Q/DQ paths."""
         for graph, path in self.graphs.items():
-            with step(self.log, f"calibrating ({self.method}) and quantizing {self.qdq[graph].name} (Q/DQ, for TensorRT)"):
-                to_int8_qdq(self.fp32[graph], self.qdq[graph], self.feeds[graph], self.method, keep_float, self.log)
+            ranges = self.fp32[graph].with_suffix(".calibration.json")
+            if not ranges.exists():  # the same ranges serve every repair step
+                with step(self.log, f"calibrating {self.fp32[graph].name} ({self.method})"):
+                    calibrate(self.fp32[graph], self.feeds[graph], self.method, ranges, self.log)
+            with step(self.log, f"quantizing {self.qdq[graph].name} (Q/DQ, for TensorRT)"):
+                to_int8_qdq(self.fp32[graph], self.qdq[graph], ranges, self.method, keep_float)
             with step(self.log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):
                 to_int8_dynamic(self.fp32[graph], path, keep_float)
         self.record["kept_float"] = keep_float
@@ -427,10 +498,11 @@ class Int8:
                                        key=lambda row: row["sqnr_db"])
         return self._ranking
 
-    def repair(self, evaluation: Evaluation, check: Callable[[], tuple[list[Comparison], list[str]]],
-               results: list[Comparison], problems: list[str]) -> tuple[list[Comparison], list[str]]:
+    def repair(self, evaluation: Evaluation, check: Callable[[], Measured], measured: Measured,
+               problems_of: Callable[[Measured], list[str]]) -> tuple[Measured, list[str]]:
         """Put the layers that lose most to int8 back in float one at a time, re-quantizing and
-        re-measuring, until the accuracy bound holds or more than a quarter of the products would be float."""
+        re-measuring, until the accuracy bound holds or more than a quarter of the products would be
+        float. Returns the last measurement, and why the repair stopped short if it did."""
         kept = list(self.forced)
         fp32 = onnx.load(str(next(iter(self.fp32.values()))), load_external_data=False)
         total = len(quantizable_nodes(fp32))
@@ -446,17 +518,16 @@ class Int8:
         for layer in dict.fromkeys(row["layer"] for row in self.ranking() if row["layer"] not in kept):
             floats = total - len(chosen_nodes(fp32, [*kept, layer]))
             if floats > total / 4:
-                problems.append(f"int8 repair stopped: keeping {layer} in float too would leave {floats} of "
-                                f"{total} matrix products in float (more than a quarter)")
-                break
+                return measured, [f"int8 repair stopped: keeping {layer} in float too would leave {floats} of "
+                                  f"{total} matrix products in float (more than a quarter)"]
             kept.append(layer)
             self.log(f"- int8 misses its accuracy bound: keeping {layer} in float ({floats} of {total} products)")
             self.quantize(kept)
-            results, problems = check()
+            measured = check()
             note(layer)
-            if not problems:
+            if not problems_of(measured):
                 break
-        return results, problems
+        return measured, []
 
 
 def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, examples: list[calibration.Example],
@@ -540,4 +611,5 @@ def _tensor(t: TensorSpec) -> dict[str, object]:
 
 def versions() -> dict[str, str]:
     return {"exporter": metadata.version("megatron-deploy"), "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            **({"openvino": openvino_backend.version()} if openvino_backend.version() else {})}

@@ -15,18 +15,21 @@ Nodes are named for `--keep-float` and in reports by the PyTorch module they com
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import logging
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic, quantize_static)
 from onnxruntime.quantization import qdq_loss_debug
+from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, save_tensors_data
 
 from runtime.errors import UserError
 
@@ -81,7 +84,7 @@ def chosen_nodes(model: onnx.ModelProto, keep_float: list[str]) -> list[str]:
     return sorted(set(nodes) - kept)
 
 
-@contextmanager
+@contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Hide ONNX Runtime's advice (on the root logger) to pre-process first: its shape inference and
     fusions are what we avoid, to keep the graph TensorRT-shaped and the layers named."""
@@ -118,12 +121,69 @@ def _large(path: Path) -> bool:
     return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > EXTERNAL_DATA_OVER
 
 
-def to_int8_qdq(source: Path, target: Path, feeds: list[Feed], method: str, keep_float: list[str],
-                log: Callable[[str], None]) -> list[Path]:
-    """Calibrate on `feeds` and write the symmetric Q/DQ graph TensorRT builds from."""
+# ONNX Runtime's calibrators' settings for the histogram methods (create_calibrator's defaults)
+HISTOGRAMS = {"entropy": {"num_bins": 128, "num_quantized_bins": 128, "symmetric": False, "percentile": 99.999},
+              "percentile": {"num_bins": 2048, "num_quantized_bins": 128, "symmetric": True, "percentile": 99.999}}
+
+
+def calibration_tensors(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """What ONNX Runtime's calibrators measure for MatMul/Gemm: their float inputs and outputs that are
+    not weights (types inferred from the graph alone)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+             if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    weights = {t.name for t in model.graph.initializer}
+    names = dict.fromkeys(name for node in model.graph.node if node.op_type in QUANTIZED_OPS
+                          for name in [*node.input, *node.output] if name in infos and name not in weights)
+    return [infos[name] for name in names]
+
+
+def calibrate(source: Path, feeds: list[Feed], method: str, cache: Path, log: Callable[[str], None]) -> None:
+    """Measure the ranges of the tensors int8 quantizes, one input at a time, into ONNX Runtime's
+    calibration cache (`cache`). Its calibrators hold the graph's weights in Python beside the session's
+    copy (and quantize_static a third), too much for a 3.9B model in 24 GB; here only the session holds
+    them: the measuring graph is the fp32 one, weights left in its file, with the tensors as outputs."""
+    model = onnx.load(str(source), load_external_data=False)
+    measured = calibration_tensors(model)
+    names = [v.name for v in measured]
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(v for v in measured if v.name not in outputs)
+    measuring = source.with_name(f".{source.stem}.calibrating.onnx")  # beside the weights it refers to
+    onnx.save(model, str(measuring))
+    del model
+    try:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as calibrators do
+        session = onnxruntime.InferenceSession(str(measuring), options, providers=["CPUExecutionProvider"])
+    finally:
+        measuring.unlink()
+    histograms = HistogramCollector(method=method, scenario="same", **HISTOGRAMS[method]) if method in HISTOGRAMS else None
+    lowest: dict[str, np.ndarray] = {}
+    highest: dict[str, np.ndarray] = {}
+    reader = Feeds(feeds, log)
+    while (feed := reader.get_next()) is not None:
+        values = dict(zip(names, session.run(names, feed)))
+        if histograms is not None:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per call
+                histograms.collect({name: [value] for name, value in values.items()})
+            continue
+        for name, value in values.items():
+            low, high = value.min().reshape(1), value.max().reshape(1)  # shaped (1,) as ONNX Runtime's are
+            lowest[name] = np.minimum(lowest[name], low) if name in lowest else low
+            highest[name] = np.maximum(highest[name], high) if name in highest else high
+    if histograms is not None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ranges = histograms.compute_collection_result()
+    else:
+        ranges = {name: (lowest[name], highest[name]) for name in names}
+    save_tensors_data(TensorsData(METHODS[method], ranges), cache)
+
+
+def to_int8_qdq(source: Path, target: Path, cache: Path, method: str, keep_float: list[str]) -> list[Path]:
+    """Write the symmetric Q/DQ graph TensorRT builds from, with the ranges `calibrate` measured by `method`."""
     model = onnx.load(str(source), load_external_data=False)
     with quiet():
-        quantize_static(str(source), str(target), Feeds(feeds, log), quant_format=QuantFormat.QDQ,
+        quantize_static(str(source), str(target), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
                         nodes_to_quantize=chosen_nodes(model, keep_float), use_external_data_format=_large(source),

@@ -20,6 +20,7 @@ from .config import MegatronBertConfig
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A build's choices, known without importing the libraries that build (so `verify` needs only the runtime).
 PRECISIONS = ("fp32", "fp16", "int8")
+JUDGED = (*PRECISIONS, "bf16")  # precisions with bounds; bf16: OpenVINO's compute for fp32 artifacts
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOLERANCE_KEYS = ("max_abs", "min_cosine", "min_argmax", "tie_margin")
@@ -132,11 +133,11 @@ def _check(recipe: Recipe, path: Path) -> None:
             raise UserError(f"{path}: shape_limits.{axis} must be [min, opt, max] with 1 <= min <= opt <= max, "
                             f"got {limits!r}")
     for precision, bound in recipe.accuracy.items():
-        if precision not in PRECISIONS or not isinstance(bound, dict) or set(bound) != {"max_drop"} \
+        if precision not in JUDGED or not isinstance(bound, dict) or set(bound) != {"max_drop"} \
                 or isinstance(bound["max_drop"], bool) or not isinstance(bound["max_drop"], (int, float)) \
                 or bound["max_drop"] < 0:
             raise UserError(f"{path}: accuracy.{precision} must be {{max_drop = POINTS}} (a number >= 0), got {bound!r}")
-    for precision in PRECISIONS:
+    for precision in JUDGED:
         bounds = recipe.tolerance.get(precision)
         if not isinstance(bounds, dict) or not set(bounds) <= set(TOLERANCE_KEYS) or not bounds:
             raise UserError(f"{path}: tolerance.{precision} must set some of {', '.join(TOLERANCE_KEYS)}")

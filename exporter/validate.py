@@ -196,12 +196,13 @@ def failures(results: list[Comparison]) -> list[str]:
             + ("" if r.argmax is None else f", argmax {r.argmax:.3f}") for r in results if not r.passed]
 
 
-def summary(results: list[Comparison], precision: str, tolerance: dict[str, float], problems: list[str]
-            ) -> dict[str, Any]:
-    """What the manifest records of a validation."""
+def summary(results: list[Comparison], precision: str, tolerance: dict[str, float], problems: list[str],
+            forms: dict[str, bool]) -> dict[str, Any]:
+    """What the manifest records of a validation; `forms`: whether each form (a backend over some of the
+    artifact's graphs, e.g. "openvino bf16") passed."""
     return {"backends": sorted({r.backend for r in results}), "onnxruntime": f"{ort.__version__} CPUExecutionProvider",
             "reference": "PyTorch fp32", "precision": precision, "tolerance": tolerance, "passed": not problems,
-            "problems": problems, "cases": [asdict(r) for r in results]}
+            "problems": problems, "forms": forms, "cases": [asdict(r) for r in results]}
 
 
 def table(results: list[Comparison]) -> str:

@@ -44,6 +44,10 @@ class OnnxRuntimeBackend:
         self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
         self.name = f"onnxruntime/{provider}"
 
+    @classmethod
+    def best_provider(cls) -> str:
+        return next(p for p in cls.PREFERENCE if p in ort.get_available_providers())
+
     def run(self, graph: str, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
         session = self.sessions[graph]
         binding = session.io_binding()  # one per call: sessions are shared between threads

@@ -20,14 +20,14 @@ from typing import Any, cast
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from . import signatures, tasks, tensorrt_backend
+from . import backend_choice, openvino_backend, signatures, tasks, tensorrt_backend
 from .backends import Backend, OnnxRuntimeBackend
 from .errors import UserError
 from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
 from .manifest import Manifest
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 # Integer inputs index tables (ONNX's Gather wraps a negative index around): each must lie in
 # [0, the config's size of its table).
 INDEX_INPUTS = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size",
@@ -53,11 +53,14 @@ def find_manifest(path: Path) -> Path:
 
 class Session:
     def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None,
-                 public_key: str | Path | None = None, graphs: Sequence[str] | None = None):
-        """`backend`: "auto", "onnxruntime", "tensorrt", or an object that runs the graphs elsewhere (such
-        as a Triton server's models); then only the tokenizer needs to be beside the manifest.
+                 public_key: str | Path | None = None, graphs: Sequence[str] | None = None,
+                 precision: str | None = None):
+        """`backend`: "auto", "onnxruntime", "openvino", "tensorrt", or an object that runs the graphs
+        elsewhere (such as a Triton server's models); then only the tokenizer needs to be beside the manifest.
         `public_key`: open only an artifact signed with its private key (NAME.sig; needs model-signing).
-        `graphs`: load only these of the artifact's graphs (a server model that runs one of them)."""
+        `graphs`: load only these of the artifact's graphs (a server model that runs one of them).
+        `precision`: what OpenVINO computes float graphs in, "bf16" or "fp32" (default: bf16 where the
+        CPU has it natively); `Session.precision` says what runs."""
         path = Path(path)
         if isinstance(backend, str) and backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -77,8 +80,13 @@ class Session:
         if unknown:
             raise UserError(f"no graph {', '.join(sorted(unknown))} in this artifact (it has {', '.join(self.manifest.graphs)})")
         self._backend = (backend if not isinstance(backend, str)
-                         else self._open_backend(path, backend, providers, set(graphs or self.manifest.graphs)))
+                         else self._open_backend(path, backend, providers, set(graphs or self.manifest.graphs),
+                                                 precision))
+        if precision is not None and not isinstance(self._backend, openvino_backend.OpenVinoBackend):
+            raise UserError(f"precision={precision!r} is for the openvino backend (this session runs {self._backend.name})")
         self.backend: str = self._backend.name
+        self.precision: str = ("bf16" if self.manifest.precision != "int8"
+                               and getattr(self._backend, "float_precision", None) == "bf16" else self.manifest.precision)
         self.tokenizer = Tokenizer.from_file(str(self.directory / self.manifest.tokenizer["file"]))
         self.max_length: int = self.manifest.tokenizer["max_length"]
         self.special = {role: t["id"] for role, t in self.manifest.tokenizer["special_tokens"].items()}
@@ -86,9 +94,12 @@ class Session:
         self._window_tokenizers: dict[tuple[int, int], Tokenizer] = {}
         self._lock = threading.Lock()
 
-    def _open_backend(self, path: Path, backend: str, providers: list[str] | None, graphs: set[str]) -> Backend:
+    def _open_backend(self, path: Path, backend: str, providers: list[str] | None, graphs: set[str],
+                      precision: str | None) -> Backend:
         """TensorRT for engines (a .plan path, backend="tensorrt", or "auto" where TensorRT and a GPU
-        exist and the artifact has engines); otherwise ONNX Runtime with its best provider."""
+        exist and the artifact has engines); OpenVINO when asked (int8: the Q/DQ graph, which it runs in
+        int8); ONNX Runtime with its best provider when asked or on a GPU; "auto" on a CPU: the faster
+        of ONNX Runtime and a validated OpenVINO form (runtime.backend_choice)."""
         engines = {graph: self.directory / e["file"] for graph, e in self.manifest.engines.items() if graph in graphs}
         wanted = backend == "tensorrt" or (backend == "auto" and path.suffix == ".plan")
         if wanted or (backend == "auto" and engines and tensorrt_backend.usable() is None):
@@ -101,11 +112,26 @@ class Session:
             return tensorrt_backend.TensorRTBackend(engines, self.manifest.tensorrt)
         chosen = {graph: g for graph, g in self.manifest.graphs.items() if graph in graphs}
         files = {graph: self.directory / g["file"] for graph, g in chosen.items()}
-        gpu_files = {graph: self.directory / g.get("tensorrt_file", g["file"]) for graph, g in chosen.items()}
-        return OnnxRuntimeBackend(files, providers, gpu_files)
+        qdq_files = {graph: self.directory / g.get("tensorrt_file", g["file"]) for graph, g in chosen.items()}
+        validated = self.manifest.validation.get("forms", {})
+
+        def openvino() -> Backend:  # bf16 by default only where the build validated it
+            return openvino_backend.OpenVinoBackend(qdq_files, precision or (None if validated.get("openvino bf16") else "fp32"))
+
+        def onnxruntime() -> Backend:
+            return OnnxRuntimeBackend(files, providers, qdq_files)
+
+        if backend == "openvino" or (backend == "auto" and precision is not None):
+            return openvino()
+        if backend == "auto" and providers is None and OnnxRuntimeBackend.best_provider() == "CPUExecutionProvider":
+            use_openvino = openvino_backend.usable() is None and validated.get("openvino")
+            return backend_choice.fastest(self.manifest, {"onnxruntime": onnxruntime,
+                                                          **({"openvino": openvino} if use_openvino else {})})
+        return onnxruntime()
 
     def __repr__(self) -> str:
-        return f"Session({self.manifest.name!r}, head={self.head.name!r}, backend={self.backend!r})"
+        return (f"Session({self.manifest.name!r}, head={self.head.name!r}, backend={self.backend!r}, "
+                f"precision={self.precision!r})")
 
     # ---- raw calls ---------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,18 @@ def tiny_limits(head: str) -> dict[str, int]:
     if head == "causal-lm":
         limits["max_past"] = 16
     return limits
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """OpenVINO's compiled models and backend="auto"'s choices in the test run's own folder, not ~/.cache."""
+    before = os.environ.get("MEGATRON_DEPLOY_CACHE")
+    os.environ["MEGATRON_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        del os.environ["MEGATRON_DEPLOY_CACHE"]
+    else:
+        os.environ["MEGATRON_DEPLOY_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

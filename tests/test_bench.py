@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
+from runtime import openvino_backend
+
+CPU_BACKENDS = ("openvino/CPU",) if openvino_backend.usable() is None else ()  # beside ONNX Runtime's
 
 
 def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
@@ -27,7 +30,7 @@ def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
     assert {"torch", "onnx", "onnxruntime"} <= set(report["versions"])
     rows = report["results"]
     assert {(r["backend"], r["batch"], r["sequence"]) for r in rows} == {
-        (b, n, s) for b in ("onnxruntime/CPU", "pytorch eager") for n in (1, 2) for s in (8, 16)}
+        (b, n, s) for b in ("onnxruntime/CPU", *CPU_BACKENDS, "pytorch eager") for n in (1, 2) for s in (8, 16)}
     for row in rows:
         assert row["p50_ms"] > 0 and row["sequences_per_s"] > 0 and row["peak_rss_mib"] > 0
         assert (row["speedup"] is None) == (row["backend"] == "pytorch eager")
@@ -51,8 +54,10 @@ def test_bench_int8_measures_its_agreement_with_pytorch(built_int8, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", str(built_int8["qa"][0]), "--seq", "16", "--iterations", "1", "--vs-pytorch",
                  "--json", str(out)]) == 0
-    ours = next(r for r in json.loads(out.read_text())["results"] if r["backend"] == "onnxruntime/CPU")
-    assert ours["precision"] == "int8" and 0.99 < ours["cosine"] < 1 - 1e-7  # close, yet not the fp32 graph
+    rows = json.loads(out.read_text())["results"]
+    for backend in ("onnxruntime/CPU", *CPU_BACKENDS):  # OpenVINO: the Q/DQ graph
+        ours = next(r for r in rows if r["backend"] == backend)
+        assert ours["precision"] == "int8" and 0.99 < ours["cosine"] < 1 - 1e-7  # close, yet not the fp32 graph
 
 
 def test_bench_generation(built, tmp_path, capsys):

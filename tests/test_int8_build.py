@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
+from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
 
 from conftest import tiny_limits
 from exporter import calibration
 from exporter.build import BuildOptions, ValidationFailed, build
 from exporter.cli import main
-from exporter.quantize import module_path
+from exporter.quantize import METHODS, QUANTIZED_OPS, Feeds, calibrate, module_path
 from runtime import Session, UserError, tensorrt_backend
 from runtime.heads import HEADS
 from runtime.manifest import Manifest
@@ -137,3 +139,25 @@ def test_backend_flags_without_tensorrt(hf_checkpoints, tmp_path, capsys):
     assert sum("no TensorRT engine will be built" in line for line in out.splitlines()) == 1
     manifest = Manifest.load(tmp_path / "qa.json")
     assert manifest.engines == {} and manifest.tensorrt["parser_check"]["problems"] == []
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_calibration_measures_what_onnxruntimes_calibrators_do(built, tmp_path, method):
+    """Our lean calibration (weights held once, by the session) gives ONNX Runtime's ranges exactly."""
+    graph = built["qa"][0].parent / "qa.onnx"
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(5, 100, (2, 16), dtype=np.int64),
+              "attention_mask": np.ones((2, 16), np.int64), "token_type_ids": np.zeros((2, 16), np.int64)}
+             for _ in range(3)]
+    cache = tmp_path / "ranges.json"
+    calibrate(graph, feeds, method, cache, log=lambda message: None)
+    ours = load_tensors_data(cache)
+    theirs = create_calibrator(graph, QUANTIZED_OPS, str(tmp_path / "augmented.onnx"), METHODS[method])
+    for feed in feeds:  # one input per call, as ours measures them
+        theirs.collect_data(Feeds([feed]))
+    expected = theirs.compute_data()
+    assert ours.calibration_method == expected.calibration_method
+    assert sorted(ours.keys()) == sorted(expected.keys()) and len(ours.keys()) > 8
+    for name in expected.keys():
+        np.testing.assert_array_equal(ours[name].range_value, expected[name].range_value, err_msg=name)
+    assert not list(graph.parent.glob(".*calibrating*"))  # the measuring graph is gone

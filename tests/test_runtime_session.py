@@ -35,7 +35,7 @@ def qa_inputs(batch=2, length=12):
 def test_opens_from_manifest_or_model_file(built):
     qa = built["qa"][0]
     for path in (qa, qa.with_suffix(".onnx")):
-        session = Session(path)
+        session = Session(path, backend="onnxruntime")
         assert session.backend == "onnxruntime/CPUExecutionProvider"
         assert session.run(qa_inputs())["start_logits"].shape == (2, 12)
     lm = built["causal-lm"][0]

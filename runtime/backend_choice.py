@@ -1,0 +1,103 @@
+"""backend="auto" on a CPU: ONNX Runtime or OpenVINO, whichever runs the artifact faster here.
+
+Only forms the build validated are candidates. The first Session of an artifact on a machine times
+each candidate on one input (batch 1, 128 tokens, or one decode step after 128 for the causal LM) and
+remembers the winner in `choices.json` beside OpenVINO's compiled models, keyed by the artifact's
+graphs, the CPU (name and flags) and the libraries' versions: another CPU or version measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+
+from . import openvino_backend
+from .backends import Backend
+from .files import write_atomically
+from .manifest import Manifest
+
+TIMED_TOKENS = 128
+WARMUP, RUNS = 2, 5
+
+
+def cpu() -> str:
+    """The CPU's name and flags (speed differs by both), from /proc/cpuinfo where there is one."""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    return f"{name} [{' '.join(sorted(f for f in flags if f.startswith(('avx', 'amx'))))}]"
+
+
+def timed_graph(manifest: Manifest) -> str:
+    """Generation's cost is its decode steps; an encoder has one graph."""
+    return "decode" if "decode" in manifest.graphs else next(iter(manifest.graphs))
+
+
+def synthetic_feed(manifest: Manifest, graph: str) -> dict[str, np.ndarray]:
+    """An input of the graph's declared names, dtypes and shapes: batch 1, up to 128 tokens (a decode
+    step: one token after up to 128)."""
+    limits, rng = manifest.shape_limits, np.random.default_rng(0)
+    past = min(TIMED_TOKENS, limits.get("past_sequence", [0, 0, 0])[2])
+    sequence = 1 if graph == "decode" else min(TIMED_TOKENS, limits["sequence"][2])
+    sizes = {"batch": 1, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence,
+             "choices": limits.get("choices", [0, 0, 0])[1]}
+    feed = {}
+    for tensor in manifest.graphs[graph]["inputs"]:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor["shape"])
+        name = tensor["name"]
+        if tensor["dtype"] != "int64":
+            feed[name] = (rng.standard_normal(shape) * 0.1).astype(tensor["dtype"])
+        elif name == "input_ids":
+            feed[name] = rng.integers(5, manifest.config["vocab_size"], shape)
+        elif name == "position_ids":
+            feed[name] = np.broadcast_to(np.arange(past, past + shape[-1]), shape).copy()
+        else:  # masks of ones, token types of zeros
+            feed[name] = np.full(shape, int(name == "attention_mask"), dtype=np.int64)
+    return feed
+
+
+def milliseconds(backend: Backend, graph: str, feed: dict[str, np.ndarray]) -> float:
+    for _ in range(WARMUP):
+        backend.run(graph, feed)
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        backend.run(graph, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def choice_key(manifest: Manifest) -> str:
+    graphs = sorted(manifest.files[name]["sha256"] for name in manifest.files if name.endswith(".onnx"))
+    versions = {"onnxruntime": onnxruntime.__version__, "openvino": openvino_backend.version()}
+    return json.dumps({"graphs": graphs, "cpu": cpu(), **versions}, sort_keys=True)
+
+
+def fastest(manifest: Manifest, candidates: dict[str, Callable[[], Backend]], choices: Path | None = None) -> Backend:
+    """The candidate backend that ran the artifact fastest here: remembered, or measured now."""
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))()
+    choices = choices or openvino_backend.cache_folder().parent / "choices.json"
+    key = choice_key(manifest)
+    known: dict[str, Any] = json.loads(choices.read_text()) if choices.is_file() else {}
+    remembered = known.get(key, {}).get("backend")
+    if remembered in candidates:
+        return candidates[remembered]()
+    graph = timed_graph(manifest)
+    feed = synthetic_feed(manifest, graph)
+    timings = {}
+    for name, open_backend in candidates.items():  # one at a time: a large model's copies may not fit twice
+        timings[name] = milliseconds(open_backend(), graph, feed)
+    winner = min(timings, key=timings.__getitem__)
+    known[key] = {"backend": winner, "ms": timings, "artifact": manifest.name}
+    choices.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(choices, json.dumps(known, indent=1))
+    return candidates[winner]()

@@ -1,0 +1,96 @@
+"""OpenVINO backend: runs an artifact's ONNX graphs on the CPU with OpenVINO (the `openvino` extra).
+
+OpenVINO reads ONNX directly, so there is no conversion step. What it adds over ONNX Runtime on CPU:
+bf16 compute on CPUs that have it natively (AVX-512 BF16 or AMX), and int8 kernels for the Q/DQ
+graph (`NAME.qdq.onnx`, the one TensorRT builds from). Compiled models are cached (OpenVINO's
+CACHE_DIR, `cache_folder()`), so opening an artifact a second time skips the compilation.
+
+Thread safety: a compiled model is shared; each thread runs its own infer request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+# What OpenVINO computes in, by the names this project uses
+INFERENCE_PRECISIONS = {"bf16": "bf16", "fp32": "f32"}
+
+
+def cache_folder() -> Path:
+    """Where compiled models are kept: $MEGATRON_DEPLOY_CACHE/openvino, else ~/.cache/megatron-deploy/openvino."""
+    base = os.environ.get("MEGATRON_DEPLOY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-deploy"
+    return Path(base) / "openvino"
+
+
+def usable() -> str | None:
+    """None if OpenVINO imports; else why not."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed (pip install 'megatron-deploy[openvino]')"
+    return None
+
+
+def version() -> str | None:
+    if usable() is not None:
+        return None
+    import openvino
+
+    return str(openvino.__version__)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (OpenVINO lists BF16 among the CPU's capabilities)."""
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoBackend:
+    def __init__(self, files: dict[str, Path], float_precision: str | None = None, cache: bool = True):
+        """`float_precision`: what float graphs compute in, "bf16" or "fp32"; None: bf16 where the CPU
+        has it natively, else fp32. int8 (Q/DQ) graphs compute their products in int8 either way.
+        `cache`: keep the compiled models in `cache_folder()` (a build's staged graphs are not worth it)."""
+        reason = usable()
+        if reason:
+            raise UserError(f"cannot use the openvino backend: {reason}")
+        import openvino
+
+        if float_precision not in (None, *INFERENCE_PRECISIONS):
+            raise UserError(f"unknown precision {float_precision!r} for OpenVINO; choose one of "
+                            f"{', '.join(INFERENCE_PRECISIONS)}")
+        bf16 = native_bf16()
+        if float_precision == "bf16" and not bf16:
+            raise UserError("this CPU has no native bf16 (AVX-512 BF16 or AMX), where OpenVINO would run bf16 "
+                            "slower than fp32; use precision 'fp32'")
+        wanted = float_precision or ("bf16" if bf16 else "fp32")
+        core = openvino.Core()
+        self.cache = cache_folder() if cache else None
+        if self.cache:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(self.cache)})
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[wanted], "PERFORMANCE_HINT": "LATENCY"}
+        self.files = files
+        self.compiled = {graph: core.compile_model(str(path), "CPU", config) for graph, path in files.items()}
+        # what it computes in, as compiled (a bf16 hint on a CPU without bf16 is quietly fp32)
+        running = {m.get_property("INFERENCE_PRECISION_HINT").get_type_name() for m in self.compiled.values()}
+        self.float_precision = "bf16" if running == {"bf16"} else "fp32"
+        self.outputs = {graph: [o.get_any_name() for o in model.outputs] for graph, model in self.compiled.items()}
+        self._local = threading.local()
+        self.name = "openvino/CPU"
+        self.device = "cpu"
+
+    def run(self, graph: str, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """`keep` is moot on the CPU: every output comes back as numpy."""
+        requests = self._local.__dict__.setdefault("requests", {})
+        if graph not in requests:
+            requests[graph] = self.compiled[graph].create_infer_request()
+        results = requests[graph].infer({name: np.ascontiguousarray(value) for name, value in feed.items()})
+        return dict(zip(self.outputs[graph], results.to_tuple()))
