@@ -177,6 +177,9 @@ def benchmark(args: argparse.Namespace) -> None:
                         "give two or more (--seq 32,64,128), or leave --seq out for a range")
     results = bench.run(args.artifacts, args.batch, args.seq, args.warmup, args.iterations, args.vs_pytorch,
                         args.new_tokens, plotting=args.plot is not None)
+    machine = bench.machine()
+    print(f"{machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX2'}; {machine['cores']} cores); "
+          f"OpenVINO: {machine['openvino']}")
     print(bench.table(results))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "command"}
     settings["artifacts"] = [str(p) for p in args.artifacts]

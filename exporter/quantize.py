@@ -21,7 +21,7 @@ import io
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -139,10 +139,11 @@ def calibration_tensors(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def calibrate(source: Path, feeds: list[Feed], method: str, cache: Path, log: Callable[[str], None]) -> None:
-    """Measure the ranges of the tensors int8 quantizes, one input at a time, into ONNX Runtime's
-    calibration cache (`cache`). Its calibrators hold the graph's weights in Python beside the session's
-    copy (and quantize_static a third), too much for a 3.9B model in 24 GB; here only the session holds
-    them: the measuring graph is the fp32 one, weights left in its file, with the tensors as outputs."""
+    """Measure the ranges of the tensors int8 quantizes into ONNX Runtime's calibration cache (`cache`),
+    as its calibrators would on all of `feeds` at once, but holding the weights once and one input's
+    tensors at a time: its calibrators hold the graph's weights in Python beside the session's copy
+    (quantize_static a third) and every input's tensors together, too much for a 3.9B model in 24 GB.
+    The measuring graph is the fp32 one, weights left in its file, with the tensors as outputs."""
     model = onnx.load(str(source), load_external_data=False)
     measured = calibration_tensors(model)
     names = [v.name for v in measured]
@@ -157,26 +158,51 @@ def calibrate(source: Path, feeds: list[Feed], method: str, cache: Path, log: Ca
         session = onnxruntime.InferenceSession(str(measuring), options, providers=["CPUExecutionProvider"])
     finally:
         measuring.unlink()
-    histograms = HistogramCollector(method=method, scenario="same", **HISTOGRAMS[method]) if method in HISTOGRAMS else None
+
+    def each_input(what: str) -> Iterator[dict[str, np.ndarray]]:
+        reader = Feeds(feeds, log, what)
+        while (feed := reader.get_next()) is not None:
+            yield {name: value.ravel() for name, value in zip(names, session.run(names, feed))}
+
     lowest: dict[str, np.ndarray] = {}
     highest: dict[str, np.ndarray] = {}
-    reader = Feeds(feeds, log)
-    while (feed := reader.get_next()) is not None:
-        values = dict(zip(names, session.run(names, feed)))
-        if histograms is not None:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per call
-                histograms.collect({name: [value] for name, value in values.items()})
-            continue
+    nearest_zero: dict[str, np.float32] = {}  # the smallest absolute value: where |x|'s histogram starts
+    for values in each_input("measuring ranges"):
         for name, value in values.items():
-            low, high = value.min().reshape(1), value.max().reshape(1)  # shaped (1,) as ONNX Runtime's are
+            low, high = np.nanmin(value).reshape(1), np.nanmax(value).reshape(1)  # shaped (1,) as ONNX Runtime's are
             lowest[name] = np.minimum(lowest[name], low) if name in lowest else low
             highest[name] = np.maximum(highest[name], high) if name in highest else high
-    if histograms is not None:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ranges = histograms.compute_collection_result()
-    else:
+            if method == "percentile":
+                nearest = np.nanmin(np.absolute(value))
+                nearest_zero[name] = min(nearest_zero[name], nearest) if name in nearest_zero else nearest
+    if method not in HISTOGRAMS:
         ranges = {name: (lowest[name], highest[name]) for name in names}
+    else:  # a second pass: each tensor's histogram over the range of all inputs, as one array would give
+        collector = HistogramCollector(method=method, scenario="same", **HISTOGRAMS[method])
+        collector.histogram_dict = histograms(each_input("histograms"), lowest, highest, nearest_zero, collector)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints as it goes
+            ranges = collector.compute_collection_result()
     save_tensors_data(TensorsData(METHODS[method], ranges), cache)
+
+
+def histograms(inputs: Iterator[dict[str, np.ndarray]], lowest: dict[str, np.ndarray], highest: dict[str, np.ndarray],
+               nearest_zero: dict[str, np.float32], collector: HistogramCollector) -> dict[str, tuple[Any, ...]]:
+    """HistogramCollector's histogram_dict for all inputs together, summed input by input over bins fixed
+    by the ranges of all of them: the entropy method's over [-threshold, threshold] (collect_value), the
+    symmetric percentile method's over absolute values (collect_absolute_value)."""
+    bins = collector.num_bins
+    absolute = collector.method == "percentile" and collector.symmetric
+    high = {n: max(abs(lowest[n][0]), abs(highest[n][0])) for n in lowest}
+    edges: dict[str, Any] = {n: (nearest_zero[n], high[n]) if absolute else (-high[n], high[n]) for n in lowest}
+    counts: dict[str, np.ndarray] = {}
+    bounds: dict[str, np.ndarray] = {}
+    for values in inputs:
+        for name, value in values.items():
+            hist, bounds[name] = np.histogram(np.absolute(value) if absolute else value, bins, range=edges[name])
+            counts[name] = counts[name] + hist if name in counts else hist
+    if absolute:
+        return {n: (counts[n], bounds[n].astype(np.float32), lowest[n][0], highest[n][0]) for n in counts}
+    return {n: (counts[n], bounds[n], lowest[n][0], highest[n][0], np.array(high[n], dtype=np.float32)) for n in counts}
 
 
 def to_int8_qdq(source: Path, target: Path, cache: Path, method: str, keep_float: list[str]) -> list[Path]:

@@ -54,8 +54,11 @@ def native_bf16() -> bool:
 
 
 class OpenVinoBackend:
-    def __init__(self, files: dict[str, Path], float_precision: str | None = None, cache: bool = True):
-        """`float_precision`: what float graphs compute in, "bf16" or "fp32"; None: bf16 where the CPU
+    def __init__(self, files: dict[str, Path], outputs: dict[str, list[str]], float_precision: str | None = None,
+                 cache: bool = True):
+        """`outputs`: each graph's output names as declared (a compiled output may carry other names too,
+        e.g. of a Cast the fp16 conversion put before it).
+        `float_precision`: what float graphs compute in, "bf16" or "fp32"; None: bf16 where the CPU
         has it natively, else fp32. int8 (Q/DQ) graphs compute their products in int8 either way.
         `cache`: keep the compiled models in `cache_folder()` (a build's staged graphs are not worth it)."""
         reason = usable()
@@ -82,7 +85,8 @@ class OpenVinoBackend:
         # what it computes in, as compiled (a bf16 hint on a CPU without bf16 is quietly fp32)
         running = {m.get_property("INFERENCE_PRECISION_HINT").get_type_name() for m in self.compiled.values()}
         self.float_precision = "bf16" if running == {"bf16"} else "fp32"
-        self.outputs = {graph: [o.get_any_name() for o in model.outputs] for graph, model in self.compiled.items()}
+        self.outputs = {graph: [next(n for n in outputs[graph] if n in port.get_names()) for port in model.outputs]
+                        for graph, model in self.compiled.items()}
         self._local = threading.local()
         self.name = "openvino/CPU"
         self.device = "cpu"

@@ -116,7 +116,9 @@ class Session:
         validated = self.manifest.validation.get("forms", {})
 
         def openvino() -> Backend:  # bf16 by default only where the build validated it
-            return openvino_backend.OpenVinoBackend(qdq_files, precision or (None if validated.get("openvino bf16") else "fp32"))
+            outputs = {graph: [t["name"] for t in g["outputs"]] for graph, g in chosen.items()}
+            return openvino_backend.OpenVinoBackend(qdq_files, outputs,
+                                                    precision or (None if validated.get("openvino bf16") else "fp32"))
 
         def onnxruntime() -> Backend:
             return OnnxRuntimeBackend(files, providers, qdq_files)

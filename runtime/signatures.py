@@ -75,7 +75,11 @@ def check(manifest: Path, public_key: Path) -> None:
         raise UserError(f"{manifest}: not signed (no {signature.name} beside it), and a signature is required")
     if not Path(public_key).is_file():
         raise UserError(f"public key {public_key}: no such file")
-    config = model_signing.verifying.Config().set_hashing_config(_only_this_artifact(model_signing, manifest))
+    try:
+        hashing = _only_this_artifact(model_signing, manifest)  # reads the manifest, which may be the changed file
+    except UserError as err:
+        raise UserError(f"{manifest}: signature check failed: {err}") from None
+    config = model_signing.verifying.Config().set_hashing_config(hashing)
     try:
         config.use_elliptic_key_verifier(public_key=public_key).verify(manifest.parent, signature)
     except Exception as err:  # the library raises ValueError, cryptography's errors and others alike

@@ -143,7 +143,8 @@ def test_backend_flags_without_tensorrt(hf_checkpoints, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_calibration_measures_what_onnxruntimes_calibrators_do(built, tmp_path, method):
-    """Our lean calibration (weights held once, by the session) gives ONNX Runtime's ranges exactly."""
+    """Our lean calibration (weights held once, one input's tensors at a time) gives the ranges ONNX
+    Runtime's calibrators give on all the inputs at once, exactly."""
     graph = built["qa"][0].parent / "qa.onnx"
     rng = np.random.default_rng(0)
     feeds = [{"input_ids": rng.integers(5, 100, (2, 16), dtype=np.int64),
@@ -153,11 +154,23 @@ def test_calibration_measures_what_onnxruntimes_calibrators_do(built, tmp_path, 
     calibrate(graph, feeds, method, cache, log=lambda message: None)
     ours = load_tensors_data(cache)
     theirs = create_calibrator(graph, QUANTIZED_OPS, str(tmp_path / "augmented.onnx"), METHODS[method])
-    for feed in feeds:  # one input per call, as ours measures them
-        theirs.collect_data(Feeds([feed]))
+    theirs.collect_data(Feeds(feeds))  # all inputs in one call, as quantize_static does
     expected = theirs.compute_data()
     assert ours.calibration_method == expected.calibration_method
     assert sorted(ours.keys()) == sorted(expected.keys()) and len(ours.keys()) > 8
     for name in expected.keys():
         np.testing.assert_array_equal(ours[name].range_value, expected[name].range_value, err_msg=name)
     assert not list(graph.parent.glob(".*calibrating*"))  # the measuring graph is gone
+
+
+def test_an_int8_build_the_quantizer_could_not_finish_is_refused_at_the_start(hf_checkpoints, tmp_path, monkeypatch):
+    from exporter import checkpoints
+    from exporter.config import MegatronBertConfig
+
+    config = MegatronBertConfig.from_hf_dict(json.loads((hf_checkpoints["qa"][0] / "config.json").read_text()))
+    weights = config.parameters * 4
+    monkeypatch.setattr(checkpoints, "available_memory", lambda: weights)  # the weights fit; the quantizer's 3.4x not
+    with pytest.raises(UserError, match="dynamic quantizer needs about .* --skip-memory-check"):
+        build_qa(hf_checkpoints, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert Manifest.load(build_qa(hf_checkpoints, tmp_path / "b", memory_check=False)).validation["passed"]

@@ -11,8 +11,10 @@ from onnx import numpy_helper
 from conftest import HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
 from exporter.tensorrt_support import graph_problems
 from exporter.validate import compare
+from runtime import openvino_backend
 from runtime.manifest import Manifest
 
+OPENVINO = ("openvino",) if openvino_backend.usable() is None else ()  # validated too where it is installed
 ENCODER_HEADS = [h for h in HEADS if h != "causal-lm"]
 
 
@@ -62,7 +64,7 @@ def test_int8_artifact(head, built_int8):
     path, hf = built_int8[head]
     manifest = Manifest.load(path)
     assert manifest.precision == "int8" and manifest.validation["passed"]
-    assert {r["backend"] for r in pooled_rows(manifest)} == {"onnxruntime", "onnxruntime q/dq"}
+    assert {r["backend"] for r in pooled_rows(manifest)} == {"onnxruntime", "onnxruntime q/dq", *OPENVINO}
     q = manifest.quantization
     assert q["method"] == "entropy" and q["samples"] > 1 and q["distinct_tokens"] >= 16
     assert "MatMulInteger" in q["forms"]["onnxruntime"] and "Q/DQ" in q["forms"]["tensorrt"]
