@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
+import heapq
 import io
 import logging
+import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 import onnxruntime
+from onnx import external_data_helper
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic, quantize_static)
-from onnxruntime.quantization import qdq_loss_debug
 from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, save_tensors_data
 
 from runtime.errors import UserError
@@ -138,6 +141,21 @@ def calibration_tensors(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [infos[name] for name in names]
 
 
+def measuring(source: Path, model: onnx.ModelProto, tensors: list[onnx.ValueInfoProto]) -> onnxruntime.InferenceSession:
+    """A session of `source`'s graph (`model`, loaded without its weights) with `tensors` among its
+    outputs: the weights are read from their file once, by ONNX Runtime alone."""
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(v for v in tensors if v.name not in outputs)
+    graph = source.with_name(f".{source.stem}.measuring.onnx")  # beside the weights it refers to
+    onnx.save(model, str(graph))
+    try:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as calibrators do
+        return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    finally:
+        graph.unlink()
+
+
 def calibrate(source: Path, feeds: list[Feed], method: str, cache: Path, log: Callable[[str], None]) -> None:
     """Measure the ranges of the tensors int8 quantizes into ONNX Runtime's calibration cache (`cache`),
     as its calibrators would on all of `feeds` at once, but holding the weights once and one input's
@@ -147,17 +165,7 @@ def calibrate(source: Path, feeds: list[Feed], method: str, cache: Path, log: Ca
     model = onnx.load(str(source), load_external_data=False)
     measured = calibration_tensors(model)
     names = [v.name for v in measured]
-    outputs = {o.name for o in model.graph.output}
-    model.graph.output.extend(v for v in measured if v.name not in outputs)
-    measuring = source.with_name(f".{source.stem}.calibrating.onnx")  # beside the weights it refers to
-    onnx.save(model, str(measuring))
-    del model
-    try:
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as calibrators do
-        session = onnxruntime.InferenceSession(str(measuring), options, providers=["CPUExecutionProvider"])
-    finally:
-        measuring.unlink()
+    session = measuring(source, model, measured)
 
     def each_input(what: str) -> Iterator[dict[str, np.ndarray]]:
         reader = Feeds(feeds, log, what)
@@ -205,42 +213,205 @@ def histograms(inputs: Iterator[dict[str, np.ndarray]], lowest: dict[str, np.nda
     return {n: (counts[n], bounds[n], lowest[n][0], highest[n][0], np.array(high[n], dtype=np.float32)) for n in counts}
 
 
-def to_int8_qdq(source: Path, target: Path, cache: Path, method: str, keep_float: list[str]) -> list[Path]:
+def qdq_int8(cache: Path, method: str, source: Path, target: Path, nodes: list[str]) -> None:
+    """ONNX Runtime's symmetric Q/DQ quantization of `nodes`, with the ranges `calibrate` measured by `method`."""
+    quantize_static(str(source), str(target), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=METHODS[method], nodes_to_quantize=nodes,
+                    use_external_data_format=_large(source),
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "QuantizeBias": False,  # int32 biases: TensorRT dequantizes int8 only
+                                   # products stay float into the bias and residual adds
+                                   "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS,
+                                   # MatMul weights are [in, out]: one scale per output column
+                                   "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+
+
+def dynamic_int8(source: Path, target: Path, nodes: list[str]) -> None:
+    """ONNX Runtime's dynamic quantization of `nodes`."""
+    # reduce_range: 7-bit weights. CPUs without VNNI (AVX2 only) multiply u8 by s8 in pairs summed
+    # into 16 bits, which full-range weights overflow (seen here: a KV cache's cosine 0.985 -> 0.99+).
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                     reduce_range=True, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                     use_external_data_format=_large(source))
+
+
+def to_int8_qdq(source: Path, target: Path, cache: Path, method: str, keep_float: list[str],
+                log: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Write the symmetric Q/DQ graph TensorRT builds from, with the ranges `calibrate` measured by `method`."""
-    model = onnx.load(str(source), load_external_data=False)
-    with quiet():
-        quantize_static(str(source), str(target), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
-                        nodes_to_quantize=chosen_nodes(model, keep_float), use_external_data_format=_large(source),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False,  # int32 biases: TensorRT dequantizes int8 only
-                                       # products stay float into the bias and residual adds
-                                       "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS,
-                                       # MatMul weights are [in, out]: one scale per output column
-                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-    check_graph(target)
-    return written(target)
+    return in_pieces(source, target, keep_float, functools.partial(qdq_int8, cache, method), log)
 
 
-def to_int8_dynamic(source: Path, target: Path, keep_float: list[str]) -> list[Path]:
+def to_int8_dynamic(source: Path, target: Path, keep_float: list[str],
+                    log: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Write the dynamically quantized graph (u8 activations, s8 weights) ONNX Runtime runs fast on CPU."""
+    return in_pieces(source, target, keep_float, dynamic_int8, log)
+
+
+def in_pieces(source: Path, target: Path, keep_float: list[str], quantize: Callable[[Path, Path, list[str]], None],
+              log: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """Quantize `source` into `target` by ONNX Runtime's quantizer (`quantize(piece, out, nodes)`), one
+    small graph at a time: the products that read one activation (which share its quantization) and
+    that activation's other readers (which the Q/DQ form rewires to its dequantized copy), with their
+    weights. Given the whole graph, ONNX Runtime's quantizers hold every fp32 weight they replaced
+    until they have saved, beside the loaded model and the int8 weights (345M: 3.4x the weights; a
+    3.9B model would need about 45 GiB); this way one piece's weights are held at a time, and each
+    piece's quantized weights go straight to the target's external-data file. The result computes
+    what the whole graph's quantization gives, to the bit (tested)."""
     model = onnx.load(str(source), load_external_data=False)
-    with quiet():
-        # reduce_range: 7-bit weights. CPUs without VNNI (AVX2 only) multiply u8 by s8 in pairs summed
-        # into 16 bits, which full-range weights overflow (seen here: a KV cache's cosine 0.985 -> 0.99+).
-        quantize_dynamic(str(source), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                         reduce_range=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=chosen_nodes(model, keep_float),
-                         use_external_data_format=_large(source))
+    weights = {t.name: t for t in model.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    chosen = set(chosen_nodes(model, keep_float))
+    activation = {n.name: next(i for i in n.input if i not in weights) for n in model.graph.node if n.name in chosen}
+    pieces: dict[str, list[onnx.NodeProto]] = {a: [] for a in activation.values()}
+    placed: dict[str, int] = {}  # node -> its position in the graph, which its piece's nodes take
+    for position, node in enumerate(model.graph.node):
+        read = activation.get(node.name) or next((i for i in node.input if i in pieces), None)
+        if read is not None:
+            pieces[read].append(node)
+            placed[node.name] = position
+    nodes = [(position, node) for position, node in enumerate(model.graph.node) if node.name not in placed]
+    opsets = {o.domain: o.version for o in model.opset_import}
+    with Tensors(target, source.parent, external=_large(source)) as tensors, \
+            tempfile.TemporaryDirectory() as scratch, quiet():
+        piece, out = Path(scratch) / "piece.onnx", Path(scratch) / "quantized.onnx"
+        for count, members in enumerate(pieces.values(), 1):
+            made = {o for n in members for o in n.output}
+            inputs = dict.fromkeys(i for n in members for i in n.input if i and i not in weights and i not in made)
+            graph = onnx.helper.make_graph(
+                members, "piece", [infos[i] for i in inputs], [infos[o] for o in made],
+                [tensors.loaded(weights[i]) for i in dict.fromkeys(i for n in members for i in n.input if i in weights)])
+            onnx.save(onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version),
+                      str(piece))
+            quantize(piece, out, [n.name for n in members if n.name in chosen])
+            result = onnx.load(str(out))
+            nodes.extend((placed[members[0].name], copied(n)) for n in result.graph.node)
+            opsets.update((o.domain, max(o.version, opsets.get(o.domain, 0))) for o in result.opset_import)
+            tensors.add(result.graph.initializer)
+            if count == len(pieces) or count % max(1, len(pieces) // 4) == 0:
+                log(f"  quantized {count}/{len(pieces)} pieces")
+        del model.graph.node[:]
+        model.graph.node.extend(in_order(nodes))
+        read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        tensors.add(tensors.loaded(t) for t in weights.values() if t.name in read and t.name not in tensors.names)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(tensors.kept)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
+    onnx.save(model, str(target))
     check_graph(target)
     return written(target)
+
+
+def copied(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A node of its own: one still part of a loaded model keeps that whole model (its weights) alive."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def in_order(nodes: list[tuple[int, onnx.NodeProto]]) -> list[onnx.NodeProto]:
+    """`nodes` (position, node) sorted so that each comes after the nodes making what it reads, otherwise
+    by position (a piece's nodes take its first member's, though some of them read tensors made later)."""
+    maker = {output: k for k, (_, node) in enumerate(nodes) for output in node.output}
+    waits_for = [{maker[i] for i in node.input if i in maker} for _, node in nodes]
+    readers: dict[int, list[int]] = {}
+    for k, makers in enumerate(waits_for):
+        for m in makers:
+            readers.setdefault(m, []).append(k)
+    ready = [(position, k) for k, (position, _) in enumerate(nodes) if not waits_for[k]]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        ordered.append(nodes[k][1])
+        for reader in readers.get(k, []):
+            waits_for[reader].discard(k)
+            if not waits_for[reader]:
+                heapq.heappush(ready, (nodes[reader][0], reader))
+    return ordered
+
+
+# Raw tensors under this stay in the graph file, as onnx's own external-data writer leaves them (and
+# typed ones, like ONNX Runtime's scales and zero points): shape inference and our TensorRT checks read
+# small constants only from there.
+INLINE_UNDER = 1024
+
+
+class Tensors:
+    """A graph's initializers, written to its external-data file as they come (`external`) or kept inline."""
+
+    def __init__(self, target: Path, source_folder: Path, external: bool):
+        self.source_folder, self.location = source_folder, f"{target.name}.data"
+        self.file = (target.parent / self.location).open("wb") if external else None
+        self.kept: list[onnx.TensorProto] = []
+        self.names: set[str] = set()
+
+    def loaded(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A copy of `tensor` with its data read in from the source's external-data file."""
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        if external_data_helper.uses_external_data(copy):
+            external_data_helper.load_external_data_for_tensor(copy, str(self.source_folder))
+            copy.data_location = onnx.TensorProto.DEFAULT
+            del copy.external_data[:]
+        return copy
+
+    def add(self, tensors: Iterable[onnx.TensorProto]) -> None:
+        for tensor in tensors:
+            if tensor.name in self.names:
+                continue
+            self.names.add(tensor.name)
+            if self.file is not None and len(tensor.raw_data) >= INLINE_UNDER:
+                data = tensor.raw_data
+                # made anew, not cleared: a cleared field's bytes stay in the message's memory
+                stored = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                          data_location=onnx.TensorProto.EXTERNAL)
+                for key, value in {"location": self.location, "offset": self.file.tell(), "length": len(data)}.items():
+                    stored.external_data.add(key=key, value=str(value))
+                self.file.write(data)
+                tensor = stored
+            self.kept.append(tensor)
+
+    def __enter__(self) -> Tensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def quantization_noise(qdq: Path, feeds: list[Feed]) -> dict[str, float]:
+    """Each quantized activation's signal-to-quantization-noise ratio in dB over all `feeds`, as ONNX
+    Runtime's qdq_loss_debug computes it (tested equal), measured one input at a time: qdq_loss_debug
+    keeps every Q/DQ output of every input, the weights' dequantized copies among them (1.3B, 4 inputs:
+    4.6x the fp32 weights)."""
+    model = onnx.load(str(qdq), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    dequantized = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    pairs = {n.input[0]: dequantized[n.output[0]] for n in model.graph.node
+             if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.output[0] in dequantized}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    names = [name for pair in pairs.items() for name in pair]
+    session = measuring(qdq, model, [infos[name] for name in names])
+    signal = dict.fromkeys(pairs, 0.0)
+    noise = dict.fromkeys(pairs, 0.0)
+    for feed in feeds:
+        values = dict(zip(names, session.run(names, feed)))
+        for tensor, after in pairs.items():
+            x = values[tensor].astype(np.float64)
+            signal[tensor] += float(np.sum(x * x))
+            noise[tensor] += float(np.sum((x - values[after]) ** 2))
+    tiny = float(np.finfo("float").eps)
+    return {t: 20 * math.log10(max(math.sqrt(signal[t]), tiny) / max(math.sqrt(noise[t]), tiny)) for t in pairs}
 
 
 def sensitive_layers(qdq: Path, feeds: list[Feed], top: int | None = 5) -> list[dict[str, float | str]]:
     """The quantized layers whose inputs lose most to quantization on `feeds`, worst first (the `top`
-    of them; None: all): signal-to-quantization-noise ratio in dB (lower is worse) of each Q/DQ pair,
-    charged to every module that reads it."""
+    of them; None: all), by `quantization_noise` (dB, lower is worse), charged to every module that
+    reads the activation."""
     model = onnx.load(str(qdq), load_external_data=False)
     layers: dict[str, list[str]] = {}  # tensor -> the modules of the products that read it (else that makes it)
     for node in model.graph.node:
@@ -250,16 +421,9 @@ def sensitive_layers(qdq: Path, feeds: list[Feed], top: int | None = 5) -> list[
     for node in model.graph.node:
         for name in node.output:
             layers.setdefault(name, [module_path(node)])
-    with tempfile.TemporaryDirectory() as scratch:
-        augmented = Path(scratch) / "augmented.onnx"
-        qdq_loss_debug.modify_model_output_intermediate_tensors(
-            str(qdq), str(augmented), op_types_for_saving=["QuantizeLinear", "DequantizeLinear"],
-            save_as_external_data=_large(qdq))
-        activations = qdq_loss_debug.collect_activations(str(augmented), Feeds(feeds))
     worst: dict[str, float] = {}
-    for tensor, match in qdq_loss_debug.create_activation_matching(activations).items():
-        sqnr = qdq_loss_debug.compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"])
+    for tensor, sqnr in quantization_noise(qdq, feeds).items():
         for layer in layers.get(tensor, [tensor]):  # an input shared by several products hurts each of them
-            worst[layer] = min(worst.get(layer, np.inf), float(sqnr))
+            worst[layer] = min(worst.get(layer, np.inf), sqnr)
     ranked = sorted(worst.items(), key=lambda item: item[1])[:top]
     return [{"layer": layer, "sqnr_db": round(sqnr, 2)} for layer, sqnr in ranked]

@@ -2,7 +2,7 @@
 
 Only forms the build validated are candidates. The first Session of an artifact on a machine times
 each candidate on one input (batch 1, 128 tokens, or one decode step after 128 for the causal LM) and
-remembers the winner in `choices.json` beside OpenVINO's compiled models, keyed by the artifact's
+remembers the winner in the runtime's cache folder (`choices.json`), keyed by the artifact's
 graphs, the CPU (name and flags) and the libraries' versions: another CPU or version measures again.
 """
 
@@ -21,7 +21,7 @@ import onnxruntime
 
 from . import openvino_backend
 from .backends import Backend
-from .files import write_atomically
+from .files import cache_root, write_atomically
 from .manifest import Manifest
 
 TIMED_TOKENS = 128
@@ -85,7 +85,7 @@ def fastest(manifest: Manifest, candidates: dict[str, Callable[[], Backend]], ch
     """The candidate backend that ran the artifact fastest here: remembered, or measured now."""
     if len(candidates) == 1:
         return next(iter(candidates.values()))()
-    choices = choices or openvino_backend.cache_folder().parent / "choices.json"
+    choices = choices or cache_root() / "choices.json"
     key = choice_key(manifest)
     known: dict[str, Any] = json.loads(choices.read_text()) if choices.is_file() else {}
     remembered = known.get(key, {}).get("backend")

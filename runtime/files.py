@@ -12,6 +12,13 @@ from typing import Any
 from .errors import UserError
 
 
+def cache_root() -> Path:
+    """What the runtime keeps between runs (compiled models, backend choices): $MEGATRON_DEPLOY_CACHE,
+    else ~/.cache/megatron-deploy (under $XDG_CACHE_HOME where set)."""
+    base = os.environ.get("MEGATRON_DEPLOY_CACHE")
+    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-deploy"
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; `what` names the file in errors ("manifest", "config")."""
     try:

@@ -65,6 +65,10 @@ class Manifest:
                 raise UserError(f"{path}: contents differ from the manifest (sha256 mismatch); the file was "
                                 "modified or replaced after the build; rebuild the artifact")
 
+    def output_names(self, graph: str) -> list[str]:
+        """One graph's outputs, by the names the head declares."""
+        return [t["name"] for t in self.graphs[graph]["outputs"]]
+
     def model_name(self, graph: str) -> str:
         """The name of the server model (Triton's) that serves one graph: NAME, or NAME-prefill ..."""
         return self.name if graph == "model" else f"{self.name}-{graph}"

@@ -10,7 +10,7 @@ Thread safety: a compiled model is shared; each thread runs its own infer reques
 
 from __future__ import annotations
 
-import os
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .files import cache_root
 
 # What OpenVINO computes in, by the names this project uses
 INFERENCE_PRECISIONS = {"bf16": "bf16", "fp32": "f32"}
 
 
 def cache_folder() -> Path:
-    """Where compiled models are kept: $MEGATRON_DEPLOY_CACHE/openvino, else ~/.cache/megatron-deploy/openvino."""
-    base = os.environ.get("MEGATRON_DEPLOY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron-deploy"
-    return Path(base) / "openvino"
+    """Where compiled models are kept: the runtime's cache folder's `openvino/`."""
+    return cache_root() / "openvino"
 
 
 def usable() -> str | None:
@@ -46,6 +46,7 @@ def version() -> str | None:
     return str(openvino.__version__)
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (OpenVINO lists BF16 among the CPU's capabilities)."""
     import openvino
@@ -85,7 +86,7 @@ class OpenVinoBackend:
         # what it computes in, as compiled (a bf16 hint on a CPU without bf16 is quietly fp32)
         running = {m.get_property("INFERENCE_PRECISION_HINT").get_type_name() for m in self.compiled.values()}
         self.float_precision = "bf16" if running == {"bf16"} else "fp32"
-        self.outputs = {graph: [next(n for n in outputs[graph] if n in port.get_names()) for port in model.outputs]
+        self.outputs = {graph: [declared_name(port.get_names(), outputs[graph], files[graph]) for port in model.outputs]
                         for graph, model in self.compiled.items()}
         self._local = threading.local()
         self.name = "openvino/CPU"
@@ -98,3 +99,12 @@ class OpenVinoBackend:
             requests[graph] = self.compiled[graph].create_infer_request()
         results = requests[graph].infer({name: np.ascontiguousarray(value) for name, value in feed.items()})
         return dict(zip(self.outputs[graph], results.to_tuple()))
+
+
+def declared_name(names: set[str], declared: list[str], path: Path) -> str:
+    """Which declared output an OpenVINO output port is (it may carry several names, fp16 graphs' casts')."""
+    name = next((n for n in declared if n in names), None)
+    if name is None:
+        raise UserError(f"{path}: the graph has an output ({', '.join(sorted(names))}) its manifest does not declare; "
+                        "rebuild the artifact")
+    return name

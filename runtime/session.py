@@ -116,7 +116,7 @@ class Session:
         validated = self.manifest.validation.get("forms", {})
 
         def openvino() -> Backend:  # bf16 by default only where the build validated it
-            outputs = {graph: [t["name"] for t in g["outputs"]] for graph, g in chosen.items()}
+            outputs = {graph: self.manifest.output_names(graph) for graph in chosen}
             return openvino_backend.OpenVinoBackend(qdq_files, outputs,
                                                     precision or (None if validated.get("openvino bf16") else "fp32"))
 

@@ -1,22 +1,27 @@
 """Building int8: calibration data from files, methods, reproducibility, degenerate data, --keep-float,
-and what --backend does where TensorRT is absent."""
+what --backend does where TensorRT is absent, and quantizing a graph piece by piece."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 import onnx
 import pytest
+from onnxruntime.quantization import qdq_loss_debug
 from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
 
-from conftest import tiny_limits
-from exporter import calibration
+from conftest import run_onnx, tiny_limits
+from exporter import calibration, quantize
 from exporter.build import BuildOptions, ValidationFailed, build
 from exporter.cli import main
-from exporter.quantize import METHODS, QUANTIZED_OPS, Feeds, calibrate, module_path
+from exporter.quantize import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
+                               qdq_int8, quantization_noise, to_int8_dynamic, to_int8_qdq)
+from exporter.samples import synthetic_inputs
+from exporter.tensorrt_support import graph_problems
 from runtime import Session, UserError, tensorrt_backend
-from runtime.heads import HEADS
+from runtime.heads import HEADS, expand
 from runtime.manifest import Manifest
 
 QUESTIONS = [{"question": f"Who built bridge {i}?", "context": f"Bridge {i} over the river was built by "
@@ -160,17 +165,101 @@ def test_calibration_measures_what_onnxruntimes_calibrators_do(built, tmp_path, 
     assert sorted(ours.keys()) == sorted(expected.keys()) and len(ours.keys()) > 8
     for name in expected.keys():
         np.testing.assert_array_equal(ours[name].range_value, expected[name].range_value, err_msg=name)
-    assert not list(graph.parent.glob(".*calibrating*"))  # the measuring graph is gone
+    assert not list(graph.parent.glob(".*measuring*"))  # the measuring graph is gone
 
 
-def test_an_int8_build_the_quantizer_could_not_finish_is_refused_at_the_start(hf_checkpoints, tmp_path, monkeypatch):
-    from exporter import checkpoints
+def graph_feeds(manifest: Manifest, graph: str, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` padded inputs of one of an artifact's graphs (a causal LM decode step's with a past)."""
     from exporter.config import MegatronBertConfig
 
-    config = MegatronBertConfig.from_hf_dict(json.loads((hf_checkpoints["qa"][0] / "config.json").read_text()))
-    weights = config.parameters * 4
-    monkeypatch.setattr(checkpoints, "available_memory", lambda: weights)  # the weights fit; the quantizer's 3.4x not
-    with pytest.raises(UserError, match="dynamic quantizer needs about .* --skip-memory-check"):
-        build_qa(hf_checkpoints, tmp_path / "a")
-    assert not (tmp_path / "a").exists()
-    assert Manifest.load(build_qa(hf_checkpoints, tmp_path / "b", memory_check=False)).validation["passed"]
+    spec, config = HEADS[manifest.head], MegatronBertConfig.from_hf_dict(manifest.config)
+    sizes = {"batch": 2, "sequence": 9, "choices": 3, "past_sequence": 4, "total_sequence": 13}
+    inputs = expand(spec.graphs[graph].inputs, manifest.config)
+    return [{k: v.numpy() for k, v in synthetic_inputs(inputs, sizes, config, spec.padding_side, seed=s).items()}
+            for s in range(count)]
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq"])
+def test_quantizing_piece_by_piece_computes_what_quantizing_the_whole_graph_does(built, tmp_path, form):
+    """Every graph of every head, quantized one activation's readers at a time, gives ONNX Runtime's
+    whole-graph quantization's outputs to the bit, with the same int8 weights."""
+    for head, (manifest_path, _) in built.items():
+        manifest = Manifest.load(manifest_path)
+        for graph, entry in manifest.graphs.items():
+            fp32 = manifest_path.parent / entry["file"]
+            feeds = graph_feeds(manifest, graph, 3)
+            cache = tmp_path / f"{head}-{graph}.ranges.json"
+            calibrate(fp32, feeds, "minmax", cache, log=lambda message: None)
+            whole, pieces = tmp_path / f"{head}-{graph}-whole.onnx", tmp_path / f"{head}-{graph}-pieces.onnx"
+            nodes = chosen_nodes(onnx.load(str(fp32), load_external_data=False), [])
+            with quantize.quiet():
+                if form == "dynamic":
+                    dynamic_int8(fp32, whole, nodes)
+                    to_int8_dynamic(fp32, pieces, [])
+                else:
+                    qdq_int8(cache, "minmax", fp32, whole, nodes)
+                    to_int8_qdq(fp32, pieces, cache, "minmax", [])
+            expected, actual = run_onnx(whole, feeds[0]), run_onnx(pieces, feeds[0])
+            assert expected.keys() == actual.keys()
+            for name in expected:
+                np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{head} {graph} {name}")
+            int8 = [{t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                     if t.data_type == onnx.TensorProto.INT8} for path in (whole, pieces)]
+            assert int8[0].keys() == int8[1].keys() and len(int8[0]) >= len(nodes) > 0, (head, graph)
+            for name in int8[0]:
+                np.testing.assert_array_equal(int8[1][name], int8[0][name], err_msg=f"{head} {graph} {name}")
+
+
+def test_each_piece_holds_a_sliver_of_the_weights_and_large_graphs_stream_to_external_data(built, tmp_path,
+                                                                                           monkeypatch):
+    """A graph over 2 GB (here: as if) gets its int8 weights written piece by piece to external data, with
+    the scales and zero points left in the graph file where TensorRT's checks (and ONNX Runtime) read them."""
+    manifest_path = built["qa"][0]
+    fp32 = manifest_path.parent / "qa.onnx"
+    weights = sum(t.ByteSize() for t in onnx.load(str(fp32)).graph.initializer)
+    feeds = graph_feeds(Manifest.load(manifest_path), "model", 2)
+    cache = tmp_path / "ranges.json"
+    calibrate(fp32, feeds, "minmax", cache, log=lambda message: None)
+    forms = {"dynamic": dynamic_int8, "qdq": functools.partial(qdq_int8, cache, "minmax")}
+    pieces: list[int] = []
+
+    def measured(quantize, piece, out, nodes):
+        pieces.append(sum(t.ByteSize() for t in onnx.load(str(piece)).graph.initializer))
+        quantize(piece, out, nodes)
+
+    nodes = chosen_nodes(onnx.load(str(fp32)), [])
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_OVER", 0)  # as if this tiny graph were over 2 GB
+    monkeypatch.setattr(quantize, "INLINE_UNDER", 64)  # and its tensors as large as a real one's
+    for form, quantizer in forms.items():
+        streamed, whole = tmp_path / f"{form}-streamed.onnx", tmp_path / f"{form}-whole.onnx"
+        with quantize.quiet():
+            quantize.in_pieces(fp32, streamed, [], functools.partial(measured, quantizer))
+            quantizer(fp32, whole, nodes)
+        assert (tmp_path / f"{form}-streamed.onnx.data").stat().st_size > weights / 5  # int8 and float weights
+        model = onnx.load(str(streamed), load_external_data=False)
+        external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert len(external) >= len(nodes) and not any(n.endswith(("_scale", "_zero_point")) for n in external)
+        if form == "qdq":
+            assert graph_problems(streamed) == []
+        expected, actual = run_onnx(whole, feeds[0]), run_onnx(streamed, feeds[0])
+        for name in expected:
+            np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{form} {name}")
+    assert len(pieces) > 8 and max(pieces) < weights / 4
+
+
+def test_quantization_noise_is_what_onnxruntimes_qdq_debugger_measures(built_int8, tmp_path):
+    """Each activation's signal-to-quantization-noise ratio, measured one input at a time, equals what
+    qdq_loss_debug gives holding every input's tensors at once."""
+    manifest_path = built_int8["qa"][0]
+    qdq = manifest_path.parent / "qa.qdq.onnx"
+    feeds = graph_feeds(Manifest.load(manifest_path), "model", 3)
+    ours = quantization_noise(qdq, feeds)
+    augmented = tmp_path / "augmented.onnx"
+    qdq_loss_debug.modify_model_output_intermediate_tensors(str(qdq), str(augmented),
+                                                            op_types_for_saving=["QuantizeLinear", "DequantizeLinear"])
+    matched = qdq_loss_debug.create_activation_matching(qdq_loss_debug.collect_activations(str(augmented), Feeds(feeds)))
+    theirs = {tensor: qdq_loss_debug.compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"])
+              for tensor, m in matched.items() if m.get("pre_qdq") is not None}
+    assert ours.keys() == theirs.keys() and len(ours) > 4
+    for tensor, sqnr in theirs.items():
+        assert ours[tensor] == pytest.approx(sqnr, abs=1e-4), tensor
