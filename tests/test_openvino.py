@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_limits
+from exporter import checkpoints
 from exporter.build import BuildOptions, build
 from runtime import Session, UserError, backend_choice, openvino_backend
 from runtime.manifest import Manifest
@@ -122,6 +123,17 @@ def test_the_build_validates_openvino_and_a_failing_form_is_recorded_not_fatal(h
     bad = Manifest.load(build(BuildOptions(out=tmp_path / "bad", **options), log=print))
     assert bad.validation["passed"] and bad.validation["forms"]["openvino"] is False
     assert "openvino failed validation" in capsys.readouterr().out
+
+
+def test_openvino_is_not_validated_where_its_compiled_graphs_would_not_fit(hf_checkpoints, tmp_path, monkeypatch,
+                                                                           capsys):
+    """At 3.9B, compiling the fp32 graphs for OpenVINO passes 19 GiB: a build skips the form, says so,
+    and backend="auto" then never picks it (it was not validated)."""
+    monkeypatch.setattr(checkpoints, "available_memory", lambda: 2**10)  # less than the tiny graphs need
+    options = dict(head="qa", checkpoint=str(hf_checkpoints["qa"][0]), eval_data="none", **tiny_limits("qa"))
+    manifest = Manifest.load(build(BuildOptions(out=tmp_path, memory_check=False, **options), log=print))
+    assert manifest.validation["passed"] and manifest.validation["forms"] == {"onnxruntime": True}
+    assert "note: OpenVINO not validated: compiling these graphs needs about" in capsys.readouterr().out
 
 
 def measured_as(monkeypatch, speeds: dict[str, float]) -> list[str]:
