@@ -129,11 +129,16 @@ HISTOGRAMS = {"entropy": {"num_bins": 128, "num_quantized_bins": 128, "symmetric
               "percentile": {"num_bins": 2048, "num_quantized_bins": 128, "symmetric": True, "percentile": 99.999}}
 
 
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every tensor's type and shape by name, inferred from the graph alone (weights not loaded)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+
+
 def calibration_tensors(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """What ONNX Runtime's calibrators measure for MatMul/Gemm: their float inputs and outputs that are
     not weights (types inferred from the graph alone)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    infos = {name: v for name, v in value_infos(model).items()
              if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     weights = {t.name for t in model.graph.initializer}
     names = dict.fromkeys(name for node in model.graph.node if node.op_type in QUANTIZED_OPS
@@ -260,8 +265,7 @@ def in_pieces(source: Path, target: Path, keep_float: list[str], quantize: Calla
     what the whole graph's quantization gives, to the bit (tested)."""
     model = onnx.load(str(source), load_external_data=False)
     weights = {t.name: t for t in model.graph.initializer}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    infos = value_infos(model)
     chosen = set(chosen_nodes(model, keep_float))
     activation = {n.name: next(i for i in n.input if i not in weights) for n in model.graph.node if n.name in chosen}
     pieces: dict[str, list[onnx.NodeProto]] = {a: [] for a in activation.values()}
@@ -392,8 +396,7 @@ def quantization_noise(qdq: Path, feeds: list[Feed]) -> dict[str, float]:
     dequantized = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     pairs = {n.input[0]: dequantized[n.output[0]] for n in model.graph.node
              if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.output[0] in dequantized}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    infos = value_infos(model)
     names = [name for pair in pairs.items() for name in pair]
     session = measuring(qdq, model, [infos[name] for name in names])
     signal = dict.fromkeys(pairs, 0.0)
