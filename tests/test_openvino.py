@@ -61,16 +61,22 @@ def test_helpers_and_generation_answer_as_with_onnxruntime(built):
     assert texts[0] == texts[1]
 
 
-def test_int8_runs_the_qdq_graph(built_int8, built):
-    manifest = Manifest.load(built_int8["qa"][0])
+@pytest.mark.parametrize("head", ["qa", "causal-lm"])
+def test_int8_runs_the_qdq_graph(built_int8, built, head):
+    manifest = Manifest.load(built_int8[head][0])
     assert manifest.validation["forms"]["openvino"] is True
-    session = Session(built_int8["qa"][0], backend="openvino")
+    session = Session(built_int8[head][0], backend="openvino")
     assert session.precision == "int8"
-    assert {str(p).rsplit("/", 1)[-1] for p in session._backend.files.values()} == {"qa.qdq.onnx"}
-    feed = backend_choice.synthetic_feed(session.manifest, "model")
-    fp32 = Session(built["qa"][0], backend="onnxruntime").run(feed)
-    for name, value in session.run(feed).items():
+    assert {str(p).rsplit("/", 1)[-1] for p in session._backend.files.values()} == {
+        g["tensorrt_file"] for g in manifest.graphs.values()} and all(".qdq." in g["tensorrt_file"]
+                                                                      for g in manifest.graphs.values())
+    graph = "prefill" if head == "causal-lm" else "model"
+    feed = backend_choice.synthetic_feed(session.manifest, graph)
+    fp32 = Session(built[head][0], backend="onnxruntime").run(feed, graph)
+    for name, value in session.run(feed, graph).items():
         assert cosine(value, fp32[name]) > manifest.validation["tolerance"]["min_cosine"], name
+    if head == "causal-lm":  # prefill, then decode steps on OpenVINO's int8 cache
+        assert Session(built_int8[head][0], backend="openvino").generate("the bridge over", max_new_tokens=6).strip()
 
 
 def test_bf16_only_where_the_cpu_has_it(built):
