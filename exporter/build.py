@@ -13,9 +13,11 @@ import ctypes.util
 import gc
 import os
 import platform
+import re
 import resource
 import shutil
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -558,11 +560,19 @@ def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, exam
 
 
 def report_sensitive(layers: list[dict[str, Any]], log: Log) -> None:
-    """Name the layers int8 hurts most, and how to keep them in float."""
+    """Name the layers int8 hurts most, and how to keep them in float: where most of them are one kind
+    of product in different encoder layers (at every size measured: the MLP's second, `*.output.dense`,
+    which reads GELU's long-tailed output), a pattern for that kind in every layer too."""
     log("  layers losing most to int8 (signal-to-quantization-noise, dB; lower is worse): "
         + ", ".join(f"{row['layer']} {row['sqnr_db']}" for row in layers))
-    if layers:
-        log(f"  keep layers in float with --keep-float PATTERN, e.g. --keep-float '{layers[0]['layer']}'")
+    if not layers:
+        return
+    log(f"  keep layers in float with --keep-float PATTERN, e.g. --keep-float '{layers[0]['layer']}'")
+    kinds = Counter(re.sub(r"\.\d+\.", ".*.", row["layer"], count=1) for row in layers)
+    kind, count = kinds.most_common(1)[0]
+    if "*" in kind and count > 1 and count > len(layers) / 2:
+        log(f"  {count} of these {len(layers)} are the same product in different layers: "
+            f"--keep-float '{kind}' keeps it in float in every layer")
 
 
 def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, list[int]], graphs: dict[str, Path],

@@ -14,7 +14,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_d
 
 from conftest import run_onnx, tiny_limits
 from exporter import calibration, quantize
-from exporter.build import BuildOptions, ValidationFailed, build
+from exporter.build import BuildOptions, ValidationFailed, build, report_sensitive
 from exporter.cli import main
 from exporter.quantize import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
                                qdq_int8, quantization_noise, to_int8_dynamic, to_int8_qdq)
@@ -65,6 +65,20 @@ def test_degenerate_calibration_fails_validation(hf_checkpoints, tmp_path, capsy
     assert not (tmp_path / "out" / "qa.json").exists() and (tmp_path / "out" / "qa.failed").is_dir()
     failed = Manifest.load(tmp_path / "out" / "qa.failed" / "qa.json")
     assert failed.quantization["sensitive_layers"][0]["layer"].startswith("bert.encoder.layer.")
+
+
+def test_the_failure_report_gives_one_pattern_for_the_product_that_loses_most_in_many_layers():
+    def report(*layers: str) -> list[str]:
+        lines: list[str] = []
+        report_sensitive([{"layer": layer, "sqnr_db": 34.0} for layer in layers], lines.append)
+        return lines
+
+    mostly_one_kind = report("bert.encoder.layer.20.output.dense", "bert.encoder.layer.33.output.dense",
+                             "bert.encoder.layer.2.attention.self.query")
+    assert "--keep-float 'bert.encoder.layer.20.output.dense'" in mostly_one_kind[1]
+    assert "2 of these 3" in mostly_one_kind[2] and "--keep-float 'bert.encoder.layer.*.output.dense'" in mostly_one_kind[2]
+    assert len(report("bert.encoder.layer.20.output.dense", "bert.encoder.layer.2.attention.self.query")) == 2
+    assert len(report()) == 1  # nothing ranked: nothing to suggest
 
 
 def test_accuracy_under_the_bound_fails_validation(hf_checkpoints, tmp_path):
