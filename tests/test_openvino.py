@@ -92,6 +92,18 @@ def test_bf16_only_where_the_cpu_has_it(built):
         Session(built["qa"][0], backend="onnxruntime", precision="fp32")
 
 
+def test_a_cpu_with_bf16_gets_a_bf16_form_judged_by_the_bf16_bounds(hf_checkpoints, tmp_path, monkeypatch):
+    """Runs on any CPU: where bf16 is not native OpenVINO computes the hinted form in fp32, which still
+    shows that the build adds the form, judges it by [tolerance.bf16] and records its verdict."""
+    monkeypatch.setattr(openvino_backend, "native_bf16", lambda: True)
+    recipe = tmp_path / "unreachable-bf16.toml"
+    recipe.write_text('checkpoint = "demo"\n[tolerance.bf16]\nmin_cosine = 1.01\n')
+    options = dict(head="qa", checkpoint=str(hf_checkpoints["qa"][0]), eval_data="none", **tiny_limits("qa"))
+    manifest = Manifest.load(build(BuildOptions(out=tmp_path / "out", recipe=str(recipe), **options), log=print))
+    assert manifest.validation["passed"]
+    assert manifest.validation["forms"] == {"onnxruntime": True, "openvino": True, "openvino bf16": False}
+
+
 def test_threads_share_an_openvino_session(built):
     session = Session(built["qa"][0], backend="openvino")
     feeds = []
