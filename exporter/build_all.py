@@ -18,6 +18,7 @@ from runtime.errors import UserError
 from runtime.files import read_json, sha256_of, write_atomically
 from runtime.heads import HEADS
 from runtime.manifest import Manifest
+from runtime.pinned import verify
 
 from . import demo
 from .build import BuildOptions, Log, ValidationFailed, build, versions
@@ -60,7 +61,7 @@ def unchanged(entry: dict[str, Any] | None, print_: str, out: Path) -> bool:
     if not entry or entry.get("fingerprint") != print_ or not entry.get("passed"):
         return False
     try:
-        Manifest.load(out / entry["manifest"]).verify_files(out)
+        verify(out / entry["manifest"])
     except UserError:
         return False
     return True

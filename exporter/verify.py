@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import Session, signatures, tensorrt_backend
+from runtime import Session, pinned, tensorrt_backend
 from runtime.errors import UserError
 from runtime.manifest import Manifest
-from runtime.session import find_manifest
+from runtime.pinned import manifest_beside
+from runtime.session import INDEX_INPUTS
 
 
 def manifests(target: Path) -> list[Path]:
@@ -27,18 +28,25 @@ def manifests(target: Path) -> list[Path]:
         return found
     if not target.exists():
         raise UserError(f"{target}: no such artifact")
-    return [find_manifest(target)]
+    return [manifest_beside(target)]
 
 
 def smoke_feed(manifest: Manifest, graph: str) -> dict[str, np.ndarray]:
-    """The smallest inputs the graph takes: token 1 everywhere, a KV cache of zeros."""
+    """The smallest inputs the graph takes, a KV cache of zeros, and every index table read at both ends
+    (ids 0 and size - 1, as the manifest states the sizes): a graph whose tables are smaller than its
+    manifest says fails here, not in production."""
     sizes = {axis: low for axis, (low, _, _) in manifest.shape_limits.items()}
     sizes["total_sequence"] = sizes["sequence"] + sizes.get("past_sequence", 0)
     feed = {}
     for tensor in manifest.graphs[graph]["inputs"]:
         shape = [sizes[a] if isinstance(a, str) else a for a in tensor["shape"]]
-        feed[tensor["name"]] = (np.ones(shape, dtype=tensor["dtype"]) if tensor["name"] != "token_type_ids"
-                                else np.zeros(shape, dtype=tensor["dtype"]))
+        name = tensor["name"]
+        if name in INDEX_INPUTS:
+            ends = np.zeros(shape, dtype=tensor["dtype"])
+            ends[..., -1] = manifest.config[INDEX_INPUTS[name]] - 1
+            feed[name] = ends
+        else:
+            feed[name] = np.ones(shape, dtype=tensor["dtype"])
     return feed
 
 
@@ -73,17 +81,14 @@ def private_files(path: Path) -> list[str]:
 def verify_one(path: Path, public_key: Path | None = None) -> list[str]:
     """What is wrong with the artifact at `path` here (empty: nothing)."""
     try:
-        if public_key is not None:
-            signatures.check(path, public_key)
-        manifest = Manifest.load(path)
-        manifest.verify_files(path.parent)
+        manifest = pinned.verify(path, public_key=public_key)
     except UserError as err:
         return [str(err)]
     problems = engine_problems(manifest)
     backends = ["onnxruntime"] + (["tensorrt"] if manifest.engines and not problems else [])
     for backend in backends:
         try:
-            session = Session(path, backend=backend)
+            session = Session(path, backend=backend, public_key=public_key)
             for graph in manifest.graphs:
                 outputs = session.run(smoke_feed(manifest, graph), graph)
                 if not all(np.isfinite(v).all() for v in outputs.values()):

@@ -1,15 +1,56 @@
-"""File helpers the exporter and the runtime share: JSON reading with clear errors, atomic writes, hashes."""
+"""File helpers the exporter and the runtime share: JSON reading with clear errors, atomic writes, hashes.
+
+Every file is opened as a regular file or not at all: a named pipe or a device in place of a manifest
+or a graph is refused at once, instead of blocking the reader forever.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+
+JSON_LIMIT = 64 << 20  # bytes: manifests, configs and indexes are kilobytes; more is not one of them
+
+
+class Vanished(UserError):
+    """A file that was there a moment ago is gone (a publish replaced its version meanwhile)."""
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, which must be a regular file (never blocks: a FIFO is refused)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Vanished(f"{path}: missing") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be opened ({err.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = {stat.S_IFIFO: "a named pipe", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(stat.S_IFMT(mode), "not a regular file")
+        raise UserError(f"{path}: {kind}, not a regular file")
+    return fd
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UserError(f"{path}: {size} bytes, more than the {limit} such a file may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
 
 
 def cache_root() -> Path:
@@ -22,11 +63,20 @@ def cache_root() -> Path:
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; `what` names the file in errors ("manifest", "config")."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raw = read_regular(path, JSON_LIMIT)
+    except Vanished:
+        raise Vanished(f"{path}: no such {what}") from None
+    return parse_json(raw, path, what)
+
+
+def parse_json(raw: bytes, path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file's bytes (`path` and `what` name it in errors)."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not a readable {what} ({err})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a {what} (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a {what} (holds a JSON {type(data).__name__}, not an object)")
     return data
@@ -42,6 +92,8 @@ def json_lines(path: Path, label: str) -> list[tuple[int, dict[str, Any]]]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{label}{path}:{number}: not JSON ({err.msg})") from None
+        except RecursionError:
+            raise UserError(f"{label}{path}:{number}: JSON nested too deeply") from None
         if not isinstance(item, dict):
             raise UserError(f"{label}{path}:{number}: expected an object")
         rows.append((number, item))
@@ -65,7 +117,24 @@ def sha256_of(*files: Path) -> str:
     """One digest over the files' bytes, in order (streamed: model files can be gigabytes)."""
     digest = hashlib.sha256()
     for file in files:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        fd = open_regular(file)
+        try:
+            _digest_fd(fd, digest)
+        finally:
+            os.close(fd)
     return digest.hexdigest()
+
+
+def fd_sha256(fd: int) -> str:
+    """The sha256 of what an open file holds, read through its descriptor."""
+    digest = hashlib.sha256()
+    _digest_fd(fd, digest)
+    return digest.hexdigest()
+
+
+def _digest_fd(fd: int, digest: Any) -> None:
+    offset = 0
+    while chunk := os.pread(fd, 1 << 24, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+

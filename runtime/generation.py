@@ -93,7 +93,7 @@ class Generator:
         positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
         feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         self.session.check_inputs(feed, "prefill")  # decode steps stay within limits by the checks above
-        outputs = self.session._backend.run("prefill", feed, keep=self.cache)
+        outputs = self.session.call("prefill", feed, keep=self.cache)
         done = np.zeros(len(prompts), dtype=bool)
         for step in range(self.options.max_new_tokens):
             token = np.where(done, pad, pick(outputs["logits"], self.options, self.rng))
@@ -106,7 +106,7 @@ class Generator:
                     "position_ids": mask.sum(axis=1, keepdims=True) - 1}
             feed.update({name.replace("present", "past_key_values"): value for name, value in outputs.items()
                          if name in self.cache})
-            outputs = self.session._backend.run("decode", feed, keep=self.cache)
+            outputs = self.session.call("decode", feed, keep=self.cache)
 
     def _text(self, prompt: list[int], tokens: list[int]) -> tuple[str, bool]:
         """The text of the new tokens up to a stop token or stop string, and whether it stopped. Decoded

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import manifest_schema as schema
 from .errors import UserError
-from .files import read_json, sha256_of, write_atomically
+from .files import JSON_LIMIT, parse_json, read_regular, sha256_of, write_atomically
 
 FORMAT_VERSION = 1
 
@@ -50,21 +50,6 @@ class Manifest:
         self.files = {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_of(directory / n)}
                       for n in names}
 
-    def verify_files(self, directory: Path, only: list[str] | None = None) -> None:
-        """Every listed file (or those of `only`) exists beside the manifest with the recorded size and hash."""
-        for name, expected in self.files.items():
-            if only is not None and name not in only:
-                continue
-            path = directory / name
-            if path.is_symlink() and directory.resolve() not in path.resolve().parents:
-                raise UserError(f"{path}: a symlink leading out of the artifact's folder (to {path.resolve()}); "
-                                "an artifact's files live in its folder")
-            if not path.exists():
-                raise UserError(f"{path}: missing (the manifest of {self.name!r} lists it)")
-            if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
-                raise UserError(f"{path}: contents differ from the manifest (sha256 mismatch); the file was "
-                                "modified or replaced after the build; rebuild the artifact")
-
     def output_names(self, graph: str) -> list[str]:
         """One graph's outputs, by the names the head declares."""
         return [t["name"] for t in self.graphs[graph]["outputs"]]
@@ -79,15 +64,25 @@ class Manifest:
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
         path = Path(path)
-        data = read_json(path, "manifest")
-        if not isinstance(data.get("format"), int):
+        return cls.from_bytes(read_regular(path, JSON_LIMIT), path)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, path: Path) -> Manifest:
+        """The manifest in `raw`, read from `path` (which names it in errors, and whose name it must carry)."""
+        data = parse_json(raw, path, "manifest")
+        version = data.get("format")
+        if isinstance(version, bool) or not isinstance(version, int):
             raise UserError(f"{path}: not an artifact manifest (no format version)")
-        if data["format"] > FORMAT_VERSION:
-            raise UserError(f"{path}: manifest format {data['format']} is newer than this runtime reads "
+        if version > FORMAT_VERSION:
+            raise UserError(f"{path}: manifest format {version} is newer than this runtime reads "
                             f"({FORMAT_VERSION}); upgrade the runtime package")
+        if version < 1:
+            raise UserError(f"{path}: manifest field format: {version} is not a format version")
         try:
-            schema.check(data)
+            schema.check(data, {f.name for f in fields(cls)})
         except UserError as err:
             raise UserError(f"{path}: {err}") from None
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        if f"{data['name']}.json" != path.name:
+            raise UserError(f"{path}: manifest field name: {data['name']!r} is not this file's name "
+                            f"({path.stem!r})")
+        return cls(**data)

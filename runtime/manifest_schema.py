@@ -16,6 +16,7 @@ from .heads import DYNAMIC_AXES, HEADS, expand
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+GRAPH_FIELDS = frozenset({"file", "tensorrt_file", "inputs", "outputs"})
 CONFIG_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
                 "type_vocab_size")
 
@@ -46,10 +47,19 @@ def plain_name(value: Any, field: str) -> str:
     return name
 
 
-def check(data: dict[str, Any]) -> None:
-    """Raise Invalid (a UserError) naming the first field that is wrong."""
+def _only(entry: dict[str, Any], known: set[str] | frozenset[str], field: str) -> None:
+    """No fields but the known ones: an unknown one is a typo, a newer format, or smuggled."""
+    unknown = sorted(set(entry) - set(known))
+    if unknown:
+        raise Invalid(f"{field}.{unknown[0]}" if field else unknown[0], "is not a field of this manifest format")
+
+
+def check(data: dict[str, Any], known: set[str]) -> None:
+    """Raise Invalid (a UserError) naming the first field that is wrong; `known`: the top-level fields."""
+    _only(data, known, "")
     for field in ("name", "head", "precision"):
         _typed(data.get(field), str, field)
+    _typed(data.get("created", ""), str, "created")
     for field in ("config", "graphs", "shape_limits", "tokenizer", "files", "validation"):
         _typed(data.get(field), dict, field)
     for field in ("task", "accuracy", "versions", "quantization", "engines", "tensorrt", "source"):
@@ -71,7 +81,8 @@ def check(data: dict[str, Any]) -> None:
     files = data["files"]
     for name, entry in files.items():
         plain_name(name, f"files[{name!r}]")
-        _positive(_typed(entry, dict, f"files[{name!r}]").get("bytes"), f"files[{name!r}].bytes", 0)
+        _only(_typed(entry, dict, f"files[{name!r}]"), {"bytes", "sha256"}, f"files[{name!r}]")
+        _positive(entry.get("bytes"), f"files[{name!r}].bytes", 0)
         if not SHA256.match(str(entry.get("sha256"))):
             raise Invalid(f"files[{name!r}].sha256", "must be 64 lowercase hex digits")
     _check_graphs(data)
@@ -106,6 +117,7 @@ def _check_graphs(data: dict[str, Any]) -> None:
         raise Invalid("graphs", f"the {head.name} head has graphs {', '.join(head.graphs)}, not {', '.join(graphs)}")
     for graph, spec in head.graphs.items():
         entry = _typed(graphs[graph], dict, f"graphs.{graph}")
+        _only(entry, GRAPH_FIELDS, f"graphs.{graph}")
         for key in ("file", "tensorrt_file"):
             if key in entry or key == "file":
                 _listed(plain_name(entry.get(key), f"graphs.{graph}.{key}"), f"graphs.{graph}.{key}", data["files"])

@@ -82,7 +82,10 @@ class OpenVinoBackend:
             core.set_property({"CACHE_DIR": str(self.cache)})
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[wanted], "PERFORMANCE_HINT": "LATENCY"}
         self.files = files
-        self.compiled = {graph: core.compile_model(str(path), "CPU", config) for graph, path in files.items()}
+        # Compiled from the model read, not from its path: the cache is then keyed by the graph's content,
+        # and a graph replaced at the same path never loads the old one's compiled form.
+        self.compiled = {graph: core.compile_model(core.read_model(str(path)), "CPU", config)
+                         for graph, path in files.items()}
         # what it computes in, as compiled (a bf16 hint on a CPU without bf16 is quietly fp32)
         running = {m.get_property("INFERENCE_PRECISION_HINT").get_type_name() for m in self.compiled.values()}
         self.float_precision = "bf16" if running == {"bf16"} else "fp32"

@@ -4,9 +4,9 @@
     s.answer("Who wrote it?", "It was written by Ada.")
 
 The manifest beside the model file says everything: which head, which graphs with which inputs, the
-shape limits, the tokenizer. Files are checked against their recorded hashes on load. Sessions are
-safe to share between threads: nothing in them changes after construction (the windowing tokenizers
-are made once per setting, under a lock).
+shape limits, the tokenizer. Files are opened once, checked against their recorded hashes and loaded
+from those descriptors (runtime.pinned). Sessions are safe to share between threads: nothing in them
+changes after construction (the windowing tokenizers are made once per setting, under a lock).
 """
 
 from __future__ import annotations
@@ -20,87 +20,104 @@ from typing import Any, cast
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from . import backend_choice, openvino_backend, signatures, tasks, tensorrt_backend
+from . import backend_choice, openvino_backend, tasks, tensorrt_backend
 from .backends import Backend, OnnxRuntimeBackend
 from .errors import UserError
+from .files import Vanished
 from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
-from .manifest import Manifest
+from .pinned import FORM_SUFFIXES, PinnedArtifact, find_manifest  # noqa: F401 - both part of the runtime's surface
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+MAX_CHARS = 100_000  # about 25,000 tokens: 200 windows of a 128-token qa artifact
+OPEN_ATTEMPTS = 5  # a publish that replaces the version being opened sends the reader to the new one
 # Integer inputs index tables (ONNX's Gather wraps a negative index around): each must lie in
 # [0, the config's size of its table).
 INDEX_INPUTS = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size",
                 "position_ids": "max_position_embeddings"}
 
 
-def find_manifest(path: Path) -> Path:
-    """`qa.json` itself, or the manifest beside `qa.onnx`, `qa.plan`, `lm.prefill.onnx` ...; its real
-    path, so that every file is read from one published version of the artifact (exporter.publish)."""
-    if path.suffix == ".json":
-        return path.resolve() if path.exists() else path
-    if path.suffix not in (".onnx", ".plan"):
-        raise UserError(f"{path}: expected an artifact's manifest (.json) or model file (.onnx, .plan)")
-    stem = path.name[:-len(path.suffix)]
-    for form in (".qdq", ".prefill", ".decode"):  # lm.prefill.qdq.onnx -> lm
-        stem = stem.removesuffix(form)
-    manifest = path.with_name(f"{stem}.json")
-    if not manifest.exists():
-        raise UserError(f"{path}: no manifest {manifest.name} beside it (artifacts are written by "
-                        "`python -m exporter build`)")
-    return manifest.resolve()
-
-
 class Session:
     def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None,
                  public_key: str | Path | None = None, graphs: Sequence[str] | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, max_chars: int = MAX_CHARS):
         """`backend`: "auto", "onnxruntime", "openvino", "tensorrt", or an object that runs the graphs
         elsewhere (such as a Triton server's models); then only the tokenizer needs to be beside the manifest.
         `public_key`: open only an artifact signed with its private key (NAME.sig; needs model-signing).
         `graphs`: load only these of the artifact's graphs (a server model that runs one of them).
         `precision`: what OpenVINO computes float graphs in, "bf16" or "fp32" (default: bf16 where the
-        CPU has it natively); `Session.precision` says what runs."""
+        CPU has it natively); `Session.precision` says what runs.
+        `max_chars`: the longest text a helper takes, in characters, refused before tokenizing (a long
+        document is read in windows, each a full call of the graph)."""
         path = Path(path)
         if isinstance(backend, str) and backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        manifest_path = find_manifest(path)
-        if public_key is not None:
-            signatures.check(manifest_path, Path(public_key))
-        self.manifest = Manifest.load(manifest_path)
-        self.directory = manifest_path.parent
-        if self.manifest.head not in HEADS:
-            raise UserError(f"{manifest_path}: unknown head {self.manifest.head!r}; upgrade the runtime package")
-        if not self.manifest.validation.get("passed"):
-            raise UserError(f"{manifest_path}: this artifact failed validation; rebuild it")
+        self.max_chars = _count("max_chars", max_chars, 1)
         external = not isinstance(backend, str)
-        self.manifest.verify_files(self.directory, [self.manifest.tokenizer["file"]] if external else None)
-        self.head = HEADS[self.manifest.head]
-        unknown = set(graphs or ()) - set(self.manifest.graphs)
-        if unknown:
-            raise UserError(f"no graph {', '.join(sorted(unknown))} in this artifact (it has {', '.join(self.manifest.graphs)})")
-        self._backend = (backend if not isinstance(backend, str)
-                         else self._open_backend(path, backend, providers, set(graphs or self.manifest.graphs),
-                                                 precision))
+        pinned = self._pin(path, external, public_key)
+        try:
+            self.manifest = pinned.manifest
+            self.directory = pinned.directory
+            self.head = HEADS[self.manifest.head]
+            if not self.manifest.validation.get("passed"):
+                raise UserError(f"{self.directory / f'{self.manifest.name}.json'}: this artifact failed validation; "
+                                "rebuild it")
+            unknown = set(graphs or ()) - set(self.manifest.graphs)
+            if unknown:
+                raise UserError(f"no graph {', '.join(sorted(unknown))} in this artifact (it has "
+                                f"{', '.join(self.manifest.graphs)})")
+            try:
+                self._backend = (backend if not isinstance(backend, str)
+                                 else self._open_backend(pinned, path, backend, providers,
+                                                         set(graphs or self.manifest.graphs), precision))
+            except UserError:
+                raise
+            except Exception as err:  # a graph its backend cannot load or run: the artifact's fault
+                raise UserError(f"the {self.manifest.name} artifact's graphs cannot be opened here "
+                                f"({_first_line(err)}); rebuild it, or check it with `python -m exporter verify`"
+                                ) from None
+            tokenizer = pinned.read(self.manifest.tokenizer["file"])
+        finally:
+            pinned.close()  # the backends hold what they loaded
         if precision is not None and not isinstance(self._backend, openvino_backend.OpenVinoBackend):
             raise UserError(f"precision={precision!r} is for the openvino backend (this session runs {self._backend.name})")
         self.backend: str = self._backend.name
         self.precision: str = ("bf16" if self.manifest.precision != "int8"
                                and getattr(self._backend, "float_precision", None) == "bf16" else self.manifest.precision)
-        self.tokenizer = Tokenizer.from_file(str(self.directory / self.manifest.tokenizer["file"]))
+        try:
+            self.tokenizer = Tokenizer.from_str(tokenizer.decode())
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot read
+            raise UserError(f"{self.directory / self.manifest.tokenizer['file']}: not a tokenizer ({err})") from None
         self.max_length: int = self.manifest.tokenizer["max_length"]
         self.special = {role: t["id"] for role, t in self.manifest.tokenizer["special_tokens"].items()}
         self.id2label = {int(i): label for i, label in self.manifest.config["id2label"].items()}
         self._window_tokenizers: dict[tuple[int, int], Tokenizer] = {}
         self._lock = threading.Lock()
 
-    def _open_backend(self, path: Path, backend: str, providers: list[str] | None, graphs: set[str],
-                      precision: str | None) -> Backend:
+    @staticmethod
+    def _pin(path: Path, external: bool, public_key: str | Path | None) -> PinnedArtifact:
+        """The artifact's files, opened and checked. A publish may replace the version between finding the
+        manifest and opening its files: then open the version the name now gives."""
+        manifest_path = find_manifest(path)
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                pinned = PinnedArtifact(manifest_path, None if public_key is None else Path(public_key))
+                pinned.check([pinned.manifest.tokenizer["file"]] if external else None)
+                return pinned
+            except Vanished:
+                again = find_manifest(path)
+                if again == manifest_path or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                manifest_path = again
+        raise AssertionError("unreachable")
+
+    def _open_backend(self, pinned: PinnedArtifact, path: Path, backend: str, providers: list[str] | None,
+                      graphs: set[str], precision: str | None) -> Backend:
         """TensorRT for engines (a .plan path, backend="tensorrt", or "auto" where TensorRT and a GPU
         exist and the artifact has engines); OpenVINO when asked (int8: the Q/DQ graph, which it runs in
         int8); ONNX Runtime with its best provider when asked or on a GPU; "auto" on a CPU: the faster
         of ONNX Runtime and a validated OpenVINO form (runtime.backend_choice)."""
-        engines = {graph: self.directory / e["file"] for graph, e in self.manifest.engines.items() if graph in graphs}
+        engines = {graph: pinned.path(e["file"]) for graph, e in self.manifest.engines.items() if graph in graphs}
         wanted = backend == "tensorrt" or (backend == "auto" and path.suffix == ".plan")
         if wanted or (backend == "auto" and engines and tensorrt_backend.usable() is None):
             if not engines:
@@ -111,17 +128,21 @@ class Session:
                 raise UserError(f"cannot run TensorRT engines here: {reason}; use backend='onnxruntime'")
             return tensorrt_backend.TensorRTBackend(engines, self.manifest.tensorrt)
         chosen = {graph: g for graph, g in self.manifest.graphs.items() if graph in graphs}
-        files = {graph: self.directory / g["file"] for graph, g in chosen.items()}
-        qdq_files = {graph: self.directory / g.get("tensorrt_file", g["file"]) for graph, g in chosen.items()}
+        files = {graph: pinned.path(g["file"]) for graph, g in chosen.items()}
+        qdq_names = {graph: g.get("tensorrt_file", g["file"]) for graph, g in chosen.items()}
         validated = self.manifest.validation.get("forms", {})
 
         def openvino() -> Backend:  # bf16 by default only where the build validated it
             outputs = {graph: self.manifest.output_names(graph) for graph in chosen}
-            return openvino_backend.OpenVinoBackend(qdq_files, outputs,
+            # OpenVINO follows no link out of a graph's folder to its external data: real copies then
+            data = [f"{name}.data" for name in qdq_names.values() if f"{name}.data" in self.manifest.files]
+            folder = pinned.copies([*qdq_names.values(), *data]) if data else pinned.folder
+            return openvino_backend.OpenVinoBackend({graph: folder / name for graph, name in qdq_names.items()},
+                                                    outputs,
                                                     precision or (None if validated.get("openvino bf16") else "fp32"))
 
         def onnxruntime() -> Backend:
-            return OnnxRuntimeBackend(files, providers, qdq_files)
+            return OnnxRuntimeBackend(files, providers, {graph: pinned.path(name) for graph, name in qdq_names.items()})
 
         if backend == "openvino" or (backend == "auto" and precision is not None):
             return openvino()
@@ -141,7 +162,19 @@ class Session:
         """Run one graph on named numpy arrays; returns named numpy arrays (see the manifest)."""
         graph = self._graph(graph)
         self.check_inputs(inputs, graph)
-        return self._backend.run(graph, inputs)
+        return self.call(graph, inputs)
+
+    def call(self, graph: str, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Run a graph on inputs already checked. A backend failure on them is the artifact's: its graph
+        disagrees with its manifest (say, smaller tables than the manifest states)."""
+        try:
+            return self._backend.run(graph, feed, keep)
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"the {self.manifest.name} artifact's {graph} graph failed on inputs its manifest "
+                            f"allows ({_first_line(err)}); rebuild it, or check it with `python -m exporter verify`"
+                            ) from None
 
     def _graph(self, graph: str | None) -> str:
         graphs = self.manifest.graphs
@@ -154,6 +187,8 @@ class Session:
         return graph
 
     def check_inputs(self, inputs: dict[str, Any], graph: str) -> None:
+        if not isinstance(inputs, dict):
+            raise UserError(f"inputs must be a dict of input names to numpy arrays, got {type(inputs).__name__}")
         declared = {t["name"]: t for t in self.manifest.graphs[graph]["inputs"]}
         if set(inputs) != set(declared):
             missing, extra = set(declared) - set(inputs), set(inputs) - set(declared)
@@ -204,8 +239,7 @@ class Session:
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, add_special_tokens: bool = True
                ) -> list[Encoding]:
         for text in [*texts, *(pairs or [])]:
-            if not isinstance(text, str):
-                raise UserError(f"expected text, got {type(text).__name__}")
+            self._text(text)
         if any(not t.strip() for t in texts):
             raise UserError("empty text: give at least one word")
         items: list[Any] = list(zip(texts, pairs)) if pairs is not None else list(texts)
@@ -249,14 +283,44 @@ class Session:
 
     # ---- task helpers ------------------------------------------------------------------------
 
+    def _texts(self, value: str | Sequence[str]) -> tuple[list[str], bool]:
+        """One text or a list of them: the list, and whether it was one. Each is checked before any work."""
+        if isinstance(value, str):
+            return [self._text(value)], True
+        if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+            raise UserError(f"expected a text or a list of texts, got {type(value).__name__}"
+                            + (" holding other things" if isinstance(value, (list, tuple)) else ""))
+        if not value:
+            raise UserError("an empty list: give at least one text")
+        return [self._text(t) for t in value], False
+
+    def _pairs(self, texts: list[str], pairs: str | Sequence[str]) -> list[str]:
+        seconds, _ = self._texts(pairs)
+        if len(seconds) != len(texts):
+            raise UserError(f"{len(texts)} texts but {len(seconds)} pairs")
+        return seconds
+
+    def _text(self, text: Any) -> str:
+        """A string of at most max_chars that is valid Unicode (no lone surrogates, which no tokenizer reads)."""
+        if not isinstance(text, str):
+            raise UserError(f"expected text, got {type(text).__name__}")
+        if len(text) > self.max_chars:
+            raise UserError(f"a text of {len(text)} characters is longer than this session takes ({self.max_chars}; "
+                            "Session(max_chars=...) raises it)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise UserError(f"the text is not valid Unicode ({err.reason} at character {err.start})") from None
+        return text
+
     def classify(self, text: str | list[str], text_pair: str | list[str] | None = None, top_k: int | None = 1
                  ) -> Any:
         """Label a text (or text pair): {"label", "score"}, or the top_k of them (None: all labels)."""
         self._helper("classify")
-        texts, single = _texts(text)
+        texts, single = self._texts(text)
         if top_k is not None:
             _count("top_k", top_k, 1)
-        pairs = None if text_pair is None else _pairs(texts, text_pair)
+        pairs = None if text_pair is None else self._pairs(texts, text_pair)
         outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
         results = tasks.classify(outputs["logits"], self.id2label, self.manifest.config.get("problem_type"), top_k)
         return results[0] if single else results
@@ -264,8 +328,8 @@ class Session:
     def next_sentence(self, a: str | list[str], b: str | list[str]) -> Any:
         """Does B follow A: {"is_next", "score"} (score: probability that it does)."""
         self._helper("next_sentence")
-        texts, single = _texts(a)
-        pairs = _pairs(texts, b)
+        texts, single = self._texts(a)
+        pairs = self._pairs(texts, b)
         outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
         results = tasks.next_sentence(outputs["logits" if "logits" in outputs else "seq_relationship_logits"])
         return results[0] if single else results
@@ -275,7 +339,7 @@ class Session:
         self._helper("embed")
         if pooling not in tasks.POOLINGS:
             raise UserError(f"pooling {pooling!r} is not one of {', '.join(tasks.POOLINGS)}")
-        items, single = _texts(texts)
+        items, single = self._texts(texts)
         arrays = self.batch(self.encode(items))
         outputs = self._run_encoder(arrays)
         vectors = tasks.embed(outputs["last_hidden_state"], outputs["pooler_output"], arrays["attention_mask"],
@@ -285,7 +349,7 @@ class Session:
     def fill_mask(self, text: str | list[str], top_k: int = 5) -> Any:
         """The top_k fillers of each [MASK]: {"token", "token_str", "score", "sequence"}."""
         self._helper("fill_mask")
-        items, single = _texts(text)
+        items, single = self._texts(text)
         _count("top_k", top_k, 1)
         if "mask" not in self.special:
             raise UserError("this artifact's tokenizer has no [MASK] token")
@@ -303,7 +367,7 @@ class Session:
     def choose(self, prompt: str | list[str], choices: list[str] | list[list[str]]) -> Any:
         """Pick the best continuation: {"choice": index, "text", "scores"}."""
         self._helper("choose")
-        prompts, single = _texts(prompt)
+        prompts, single = self._texts(prompt)
         options = [cast(list[str], list(choices))] if single else [list(c) for c in cast(list[list[str]], choices)]
         if len(options) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(options)} lists of choices")
@@ -323,7 +387,7 @@ class Session:
         aggregation = aggregation or self.manifest.task.get("aggregation", "simple")
         if aggregation not in tasks.AGGREGATIONS:
             raise UserError(f"aggregation {aggregation!r} is not one of {', '.join(tasks.AGGREGATIONS)}")
-        items, single = _texts(text)
+        items, single = self._texts(text)
         encodings = self.encode(items)
         outputs = self._run_encoder(self.batch(encodings))
         results = tasks.tag(outputs["logits"], encodings, items, self.id2label, aggregation)
@@ -335,18 +399,19 @@ class Session:
         """Answer spans of the context: {"answer", "score", "start", "end"} (character offsets), or a
         list of top_k. Contexts longer than the artifact's window are read in overlapping windows."""
         self._helper("answer")
-        questions, single = _texts(question)
-        contexts = _pairs(questions, context)
+        questions, single = self._texts(question)
+        contexts = self._pairs(questions, context)
         _count("top_k", top_k, 1)
         if max_answer_len is None:
             max_answer_len = self.manifest.task.get("max_answer_length", 30)
         _count("max_answer_len", max_answer_len, 1)
+        _flag("handle_impossible_answer", handle_impossible_answer)
         if doc_stride is None:  # the recipe's, shrunk to fit a small window
             doc_stride = min(self.manifest.task.get("doc_stride", 128), self.max_length // 4)
         elif not 0 <= _count("doc_stride", doc_stride, 0) < self.max_length // 2:
             raise UserError(f"doc_stride {doc_stride} must be below half the window of {self.max_length} tokens")
         tokenizer = self._window_tokenizer(doc_stride)
-        windows = [self._windows(tokenizer, q, c) for q, c in zip(questions, contexts)]
+        windows = [self._windows(tokenizer, doc_stride, q, c) for q, c in zip(questions, contexts)]
         outputs = self._run_encoder(self.batch([w for item in windows for w in item]))  # all items in one go
         results, first = [], 0
         for item, c in zip(windows, contexts):
@@ -367,9 +432,18 @@ class Session:
                 self._window_tokenizers[key] = tokenizer
             return self._window_tokenizers[key]
 
-    def _windows(self, tokenizer: Tokenizer, question: str, context: str) -> list[Encoding]:
+    def _windows(self, tokenizer: Tokenizer, doc_stride: int, question: str, context: str) -> list[Encoding]:
         if not question.strip() or not context.strip():
             raise UserError("question and context must both be non-empty")
+        asked = len(self.tokenizer.encode(question, add_special_tokens=False).ids)
+        room = self.max_length - asked - self.tokenizer.post_processor.num_special_tokens_to_add(True)
+        if room < 1:
+            raise UserError(f"the question is {asked} tokens, too long for this artifact's window of "
+                            f"{self.max_length} tokens, which must also hold some context; shorten the question")
+        if room <= doc_stride:
+            raise UserError(f"the question is {asked} tokens, which leaves {room} tokens of context per window, "
+                            f"no more than doc_stride {doc_stride}; pass a doc_stride below {room} or shorten "
+                            "the question")
         try:
             first = tokenizer.encode(question, context)
         except Exception as err:  # tokenizers raises a bare Exception when the stride cannot fit
@@ -383,7 +457,7 @@ class Session:
         """Continue the prompt(s): greedy by default, or sampled (temperature, top_k, top_p, seed).
         Stops at [SEP] / eos, at any of the `stop` strings, or after max_new_tokens."""
         self._helper("generate")
-        prompts, single = _texts(prompt)
+        prompts, single = self._texts(prompt)
         generator = self._generator(max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop)
         texts = generator.run(prompts)
         return texts[0] if single else texts
@@ -394,7 +468,7 @@ class Session:
         """Like generate() for one prompt, yielding the text piece by piece as it is produced."""
         self._helper("generate_stream")
         generator = self._generator(max_new_tokens, do_sample, temperature, top_k, top_p, seed, stop)
-        return generator.stream(prompt)
+        return generator.stream(self._text(prompt))
 
     def _generator(self, max_new_tokens: int | None, do_sample: bool, temperature: float, top_k: int,
                    top_p: float, seed: int | None, stop: Sequence[str]) -> Generator:
@@ -402,35 +476,30 @@ class Session:
             max_new_tokens = self.manifest.task.get("max_new_tokens", 32)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise UserError(f"stop must be a list of strings, got {stop!r}")
+        _flag("do_sample", do_sample)
+        if seed is not None:
+            _count("seed", seed, 0)
         options = SamplingOptions(_count("max_new_tokens", max_new_tokens, 1), do_sample,
                                   _number("temperature", temperature), _count("top_k", top_k, 0),
                                   _number("top_p", top_p), seed, tuple(stop))
         return Generator(self, options)
 
 
-def _texts(value: str | Sequence[str]) -> tuple[list[str], bool]:
-    """One text or a list of them: the list, and whether it was one."""
-    if isinstance(value, str):
-        return [value], True
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
-        raise UserError(f"expected a text or a list of texts, got {type(value).__name__}"
-                        + (" holding other things" if isinstance(value, (list, tuple)) else ""))
-    if not value:
-        raise UserError("an empty list: give at least one text")
-    return list(value), False
-
-
-def _pairs(texts: list[str], pairs: str | Sequence[str]) -> list[str]:
-    seconds, _ = _texts(pairs)
-    if len(seconds) != len(texts):
-        raise UserError(f"{len(texts)} texts but {len(seconds)} pairs")
-    return seconds
-
-
 def _count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise UserError(f"{name} must be an integer of at least {minimum}, got {value!r}")
     return int(value)
+
+
+def _first_line(err: Exception) -> str:
+    """What a library's error says, in one line of reasonable length."""
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:300]
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _number(name: str, value: Any) -> float:

@@ -67,20 +67,17 @@ def _only_this_artifact(model_signing: ModuleType, manifest: Path) -> Any:
     return model_signing.hashing.Config().set_ignored_paths(paths=others)
 
 
-def check(manifest: Path, public_key: Path) -> None:
-    """Raise UserError unless NAME.sig is a signature by `public_key` of the artifact as it is now."""
+def check(folder_manifest: Path, public_key: Path, shown: Path) -> None:
+    """Raise UserError unless NAME.sig beside `folder_manifest` is a signature by `public_key` of the
+    artifact as it is now. Its folder (runtime.pinned's) holds exactly the artifact's files and the
+    signature; `shown` is the manifest's path that errors name."""
     model_signing = _library()
-    signature = signature_path(manifest)
-    if not signature.is_file():
-        raise UserError(f"{manifest}: not signed (no {signature.name} beside it), and a signature is required")
+    signature = signature_path(folder_manifest)
     if not Path(public_key).is_file():
         raise UserError(f"public key {public_key}: no such file")
-    try:
-        hashing = _only_this_artifact(model_signing, manifest)  # reads the manifest, which may be the changed file
-    except UserError as err:
-        raise UserError(f"{manifest}: signature check failed: {err}") from None
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=[signature.name]).set_allow_symlinks(True)
     config = model_signing.verifying.Config().set_hashing_config(hashing)
     try:
-        config.use_elliptic_key_verifier(public_key=public_key).verify(manifest.parent, signature)
+        config.use_elliptic_key_verifier(public_key=public_key).verify(folder_manifest.parent, signature)
     except Exception as err:  # the library raises ValueError, cryptography's errors and others alike
-        raise UserError(f"{manifest}: signature check failed: {str(err) or type(err).__name__}") from None
+        raise UserError(f"{shown}: signature check failed: {str(err) or type(err).__name__}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ def edited(built, tmp_path, change, head="qa") -> Path:
     (lambda m: m["config"].update(vocab_size=-1), "config.vocab_size: must be at least 1"),
     (lambda m: m["files"]["qa.onnx"].update(sha256="x"), "sha256: must be 64"),
     (lambda m: m.pop("validation"), "validation: must be dict"),
+    (lambda m: m.update(extra=1), "manifest field extra: is not a field of this manifest format"),
+    (lambda m: m["graphs"]["model"].update(extra=1), "graphs.model.extra: is not a field"),
+    (lambda m: m["files"]["qa.onnx"].update(extra=1), "files['qa.onnx'].extra: is not a field"),
+    (lambda m: m.update(format=True), "not an artifact manifest (no format version)"),
+    (lambda m: m.update(format=0), "manifest field format: 0 is not a format version"),
+    (lambda m: m.update(format=-7), "manifest field format: -7 is not a format version"),
+    (lambda m: m.update(name="other"), "manifest field name: 'other' is not this file's name ('qa')"),
 ])
 def test_a_hand_edited_manifest_is_refused_naming_the_field(built, tmp_path, capsys, change, field):
     path = edited(built, tmp_path, change)
@@ -87,6 +95,20 @@ def test_position_ids_beyond_the_model_are_refused(built):
 
 
 @pytest.mark.parametrize("head, call, message", [
+    ("qa", lambda s: s.run(None), "inputs must be a dict of input names to numpy arrays, got NoneType"),
+    ("qa", lambda s: s.answer("who", "the cat", handle_impossible_answer="yes"),
+     "handle_impossible_answer must be true or false, got 'yes'"),
+    ("qa", lambda s: s.answer("who " * 60, "the cat"), "the question is 180 tokens, too long for this artifact's "
+     "window of 48 tokens"),  # the tiny vocabulary spells "who" in 3 tokens
+    ("qa", lambda s: s.answer("who " * 10, "the cat", doc_stride=20), "which leaves 15 tokens of context per window, "
+     "no more than doc_stride 20; pass a doc_stride below 15"),
+    ("qa", lambda s: s.answer("who", "the cat " * 125_000), "a text of 1000000 characters is longer than this "
+     "session takes (100000"),
+    ("causal-lm", lambda s: s.generate("hello \ud800"), "not valid Unicode (surrogates not allowed at character 6)"),
+    ("causal-lm", lambda s: list(s.generate_stream("hello \ud800")), "not valid Unicode"),
+    ("causal-lm", lambda s: s.generate("the", do_sample=True, seed=-1), "seed must be an integer of at least 0"),
+    ("causal-lm", lambda s: s.generate("the", do_sample=True, seed="x"), "seed must be an integer of at least 0"),
+    ("causal-lm", lambda s: s.generate("the", do_sample="no"), "do_sample must be true or false, got 'no'"),
     ("qa", lambda s: s.answer(None, "context"), "expected a text or a list of texts, got NoneType"),
     ("qa", lambda s: s.answer("who", None), "expected a text or a list of texts, got NoneType"),
     ("qa", lambda s: s.answer(["who", 3], ["a", "b"]), "holding other things"),
@@ -109,7 +131,7 @@ def test_helper_arguments_are_typed_and_ranged(built, head, call, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["qa.tokenizer", "index", "x.tokenizer"])
+@pytest.mark.parametrize("name", ["qa.tokenizer", "index", "x.tokenizer", "qa.qdq"])
 def test_a_name_that_would_clash_or_is_reserved_is_refused(built, tmp_path, name):
     copy_artifact(built["qa"][0], tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
@@ -159,3 +181,95 @@ def test_ctrl_c_during_start_up_or_work_exits_130_without_a_traceback(tmp_path, 
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines() == ["interrupted; nothing was written"]
+
+
+def test_names_that_extend_another_artifacts_are_refused_both_ways(built, tmp_path):
+    """`qa.v2` beside `qa` would own `qa.v2.onnx`, which `qa`'s name covers, and block `qa`'s next build."""
+    from exporter.build import check_name_is_free
+
+    out = copy_artifact(built["qa"][0], tmp_path / "out").parent
+    for name in ("qa.v2", "qa.prefill", "qa.sig"):
+        with pytest.raises(UserError, match="clash|reserved"):
+            check_name_is_free(out, name)
+    (out / "qa.json").rename(out / "qa.v2.json")
+    data = json.loads((out / "qa.v2.json").read_text())
+    (out / "qa.v2.json").write_text(json.dumps({**data, "name": "qa.v2"}))
+    with pytest.raises(UserError, match="clash with the artifact 'qa.v2'"):
+        check_name_is_free(out, "qa")
+    check_name_is_free(out, "qb")
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_a_deeply_nested_manifest_is_one_line_everywhere(built, tmp_path, capsys):
+    from exporter.build import check_name_is_free
+
+    path = copy_artifact(built["qa"][0], tmp_path / "out")
+    copy_artifact(built["nsp"][0], tmp_path / "nsp")
+    for file in (tmp_path / "nsp").iterdir():
+        file.rename(path.parent / file.name)
+    path.write_text(nested(100_000))
+    with pytest.raises(UserError, match="nested too deeply"):
+        Session(path)
+    assert main(["verify", str(path.parent)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {path}" in out and "nested too deeply" in out and f"ok   {path.parent / 'nsp.json'}" in out
+    check_name_is_free(path.parent, "other")  # a build into that folder is not stopped by it
+
+
+@pytest.mark.parametrize("victim", ["qa.json", "qa.onnx"])
+def test_a_named_pipe_in_place_of_a_file_is_refused_at_once(built, tmp_path, capsys, victim):
+    import os
+    import threading
+
+    path = copy_artifact(built["qa"][0], tmp_path / "out")
+    (path.parent / victim).unlink()
+    os.mkfifo(path.parent / victim)
+    outcome = {}
+
+    def open_and_verify():
+        try:
+            Session(path)
+        except UserError as err:
+            outcome["session"] = str(err)
+        outcome["verify"] = main(["verify", str(path)])
+
+    worker = threading.Thread(target=open_and_verify, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "blocked on the named pipe"
+    assert "a named pipe, not a regular file" in outcome["session"] and outcome["verify"] == 1
+
+
+def test_an_artifact_link_leading_out_of_the_folder_is_refused(built, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(built["qa"][0].parent, out, symlinks=True)
+    current = out / ".qa.artifact"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out / os.readlink(current), elsewhere)
+    current.unlink()
+    current.symlink_to(elsewhere)
+    with pytest.raises(UserError, match="a symlink leading out of its folder"):
+        Session(out / "qa.json")
+    assert main(["verify", str(out / "qa.json")]) == 1
+    assert "a symlink leading out of its folder" in capsys.readouterr().out
+
+
+def test_a_graph_with_smaller_tables_than_its_manifest_states_fails_verify_not_production(built, tmp_path, capsys):
+    """A vocabulary-128 graph under a manifest that says 256 (hashes all consistent): verify's smoke input
+    reads every table's last row, and the runtime says what is wrong in one line."""
+    path = edited(built, tmp_path, lambda m: m["config"].update(vocab_size=256))
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "graph failed on inputs its manifest allows" in out and "Traceback" not in out
+    with pytest.raises(UserError, match="graphs cannot be opened here") as err:
+        Session(path)  # backend="auto" times its candidates on ids across the stated vocabulary
+    feed = qa_inputs()
+    feed["input_ids"][0, 1] = 200
+    with pytest.raises(UserError, match="graph failed on inputs its manifest allows") as err:
+        Session(path, backend="onnxruntime").run(feed)
+    assert "\n" not in str(err.value)

@@ -14,6 +14,7 @@ import torch
 from exporter.build import BuildOptions, build
 from runtime.errors import UserError
 from runtime.files import sha256_of
+from runtime.pinned import verify
 from runtime.manifest import FORMAT_VERSION, Manifest
 
 
@@ -37,7 +38,7 @@ def test_manifest_records_the_artifact(built):
     assert manifest.source["sha256"] == sha256_of(Path(manifest.source["checkpoint"]) / "model.safetensors")
     for name, recorded in manifest.files.items():
         assert recorded == {"bytes": (path.parent / name).stat().st_size, "sha256": sha256_of(path.parent / name)}
-    manifest.verify_files(path.parent)
+    verify(path)
 
 
 def test_causal_lm_manifest_spells_out_the_cache(built):
@@ -56,12 +57,12 @@ def test_causal_lm_manifest_spells_out_the_cache(built):
 def test_tampered_file_and_newer_format_are_refused(built, tmp_path):
     path = built["qa"][0]
     manifest = Manifest.load(path)
-    for name in manifest.files:
+    for name in [path.name, *manifest.files]:
         (tmp_path / name).write_bytes((path.parent / name).read_bytes())
-    manifest.verify_files(tmp_path)
+    verify(tmp_path / "qa.json")
     (tmp_path / "qa.onnx").write_bytes((tmp_path / "qa.onnx").read_bytes()[:-1] + b"\0")
     with pytest.raises(UserError, match="sha256 mismatch"):
-        manifest.verify_files(tmp_path)
+        verify(tmp_path / "qa.json")
 
     newer = json.loads(path.read_text())
     newer["format"] = FORMAT_VERSION + 1

@@ -92,7 +92,7 @@ def test_qa_finds_an_answer_in_the_last_window_of_a_long_context(built):
     assert len(qa.tokenizer.encode(context).ids) > 3 * qa.max_length
     found = qa.answer("where", context, doc_stride=16)
     assert (found["answer"], found["start"]) == ("?", context.index("?"))
-    windows = qa._windows(qa._window_tokenizer(16), "where", context)
+    windows = qa._windows(qa._window_tokenizer(16), 16, "where", context)
     assert len(windows) >= 4 and "?" in qa.tokenizer.decode(windows[-1].ids, skip_special_tokens=False)
     assert "?" not in qa.tokenizer.decode(windows[0].ids)
 

@@ -87,3 +87,63 @@ def test_sign_refuses_a_bad_key_or_a_tampered_artifact(signed, tmp_path, capsys)
     (manifest.parent / "qa.onnx").write_bytes(b"tampered")
     assert main(["sign", str(manifest), "--key", str(private)]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
+
+
+def test_a_graph_swapped_in_while_signed_sessions_open_never_runs(signed):
+    """Another graph renamed over qa.onnx and back, again and again, while 200 signed sessions open: each
+    session that opens runs the signed graph (what runs is the bytes that were checked); the rest are
+    refused, never opened on the other graph."""
+    import os
+    import threading
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from test_runtime_session import qa_inputs
+
+    manifest, public, _ = signed
+    folder = manifest.parent
+    signed_output = Session(manifest, public_key=public).run(qa_inputs())["start_logits"]
+    os.link(folder / "qa.onnx", folder / "good.onnx")
+    other = onnx.load(folder / "qa.onnx")
+    for tensor in other.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(other, folder / "other.onnx")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            for source in ("other.onnx", "good.onnx"):
+                os.link(folder / source, folder / "swap.onnx")
+                os.replace(folder / "swap.onnx", folder / "qa.onnx")
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    opened = refused = 0
+    try:
+        for _ in range(200):
+            try:
+                session = Session(manifest, public_key=public, backend="onnxruntime")
+            except UserError:
+                refused += 1
+                continue
+            opened += 1
+            assert np.array_equal(session.run(qa_inputs())["start_logits"], signed_output), "ran an unsigned graph"
+    finally:
+        stop.set()
+        swapper.join()
+    assert opened >= 10 and refused >= 10, (opened, refused)
+
+
+def test_verify_of_a_folder_checks_the_signatures_of_published_artifacts(built, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(built["qa"][0].parent, out, symlinks=True)  # published: names link into version folders
+    private, public = key_pair(tmp_path, "ours")
+    assert main(["sign", str(out / "qa.json"), "--key", str(private)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--public-key", str(public)]) == 1
+    text = capsys.readouterr().out
+    assert f"ok   {out / 'qa.json'}" in text, text
+    assert f"FAIL {out / 'nsp.json'}" in text and "not signed" in text
