@@ -39,6 +39,7 @@ from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
 from runtime.backends import Backend, OnnxRuntimeBackend
 from runtime.openvino_backend import OpenVinoBackend
 from runtime.manifest import Manifest
+from runtime.session import FORM_SUFFIXES
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
@@ -176,11 +177,12 @@ def wants_engines(backend: str, log: Log) -> bool:
 
 def check_name_is_free(out: Path, name: str) -> None:
     """Refuse a name whose files could be another artifact's in `out` (`qa.tokenizer` beside `qa` would
-    overwrite qa.tokenizer.json), or that the tools reserve (build-all's index.json; verify skips
-    NAME.tokenizer.json)."""
-    if name == "index" or name.endswith(".tokenizer"):
-        raise UserError(f"--name {name!r} is reserved (index.json is build-all's index; *.tokenizer.json are "
-                        "tokenizers); choose another")
+    overwrite qa.tokenizer.json; `qa.qdq` beside `qa` would be what `qa.qdq.onnx` opens), or that the tools
+    reserve (build-all's index.json; verify skips NAME.tokenizer.json; a graph file's form suffixes)."""
+    reserved = (".tokenizer", ".sig", *FORM_SUFFIXES)
+    if name == "index" or name.endswith(reserved):
+        raise UserError(f"--name {name!r} is reserved (index.json is build-all's index; a name may not end in "
+                        f"{', '.join(reserved)}, which the tools read as a part of another artifact); choose another")
     for other in sorted(out.glob("*.json")) if out.is_dir() else []:
         if other.name in (f"{name}.json", "index.json") or other.name.endswith(".tokenizer.json"):
             continue
@@ -188,10 +190,10 @@ def check_name_is_free(out: Path, name: str) -> None:
             theirs = {other.name, *Manifest.load(other).files}
         except UserError:  # not an artifact we can read: it owns nothing we know of
             continue
-        if any(file.startswith(f"{name}.") for file in theirs):
+        clash = sorted(f for f in theirs if f.startswith(f"{name}."))
+        if clash or name.startswith(f"{other.stem}."):
             raise UserError(f"--name {name!r}: files named {name}.* would clash with the artifact {other.stem!r} "
-                            f"in {out} ({', '.join(sorted(f for f in theirs if f.startswith(f'{name}.')))}); "
-                            "choose another name")
+                            f"in {out} ({', '.join(clash or [other.name])}); choose another name")
 
 
 def check_writable(out: Path) -> None:

@@ -6,13 +6,21 @@ names users know stay put. Publishing is one atomic step, replacing `.NAME.artif
 resolves the manifest's real path (runtime.session.find_manifest does) reads every file from one
 version. The version before stays until the next publish, for readers that opened it just before.
 
-Killed at any instant, a build leaves the old artifact whole or the new one whole; what it leaves
-behind (its `.NAME.building-<pid>-*` staging folder, a version never switched to) is removed by the
-next build of that name.
+Invariants, whatever the file sets of the old and the new artifact:
+- Killed at any instant, a publish leaves `OUT/NAME.json` giving the old artifact whole or the new one
+  whole, and every `OUT/NAME.*` name resolves to a file (names of the new artifact are linked into its
+  version before the switch; names only the old one had are linked straight into the old version
+  before the switch and removed after it).
+- A version is removed only when it is neither current, nor the one current just before, nor the
+  target of any name; what a dead build leaves (its `.NAME.building-<pid>-*` staging folder, a version
+  never switched to) goes with the next publish of that name.
+- Publishes of one name take turns (a lock file, `OUT/.NAME.lock`), so one never collects the version
+  that another is about to switch to.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -82,18 +90,39 @@ def publish(staging: Path, out: Path, manifest: Manifest) -> None:
     for file in names:
         os.chmod(staging / file, mode)
     os.chmod(staging, mode | (mode & 0o444) >> 2)  # enterable by whoever may read the files
-    now = time.time_ns()  # versions sort by name in the order they were published
-    stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}"
-    version = out / f".{name}.v-{stamp}-{staging.name.rsplit('-', 1)[-1]}"
-    os.replace(staging, version)
-    current = out / f".{name}.artifact"
-    old = _current_files(out, name)
-    _link(current, version.name, name)  # the switch
-    for file in names:
-        _link(out / file, f"{current.name}/{file}", name)
-    for stale in old - set(names):
-        (out / stale).unlink(missing_ok=True)
-    _drop_old_versions(out, name, keep=version.name)
+    with _turn(out, name):
+        now = time.time_ns()  # versions sort by name in the order they were published
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}"
+        version = out / f".{name}.v-{stamp}-{staging.name.rsplit('-', 1)[-1]}"
+        os.replace(staging, version)
+        current = out / f".{name}.artifact"
+        previous = os.readlink(current) if current.is_symlink() else None
+        old = _current_files(out, name)
+        for file in set(names) - old:  # valid before the switch: straight into the new version
+            _link(out / file, f"{version.name}/{file}", name)
+        if previous:
+            for file in old - set(names):  # still valid after it: straight into the old version
+                _link(out / file, f"{previous}/{file}", name)
+        _link(current, version.name, name)  # the switch
+        for file in names:
+            _link(out / file, f"{current.name}/{file}", name)
+        for file in (old | _linked(out, name)) - set(names):  # and what a dead publish left linked
+            (out / file).unlink(missing_ok=True)
+        _drop_old_versions(out, name, keep={version.name, previous})
+
+
+class _turn:
+    """Holds `OUT/.NAME.lock` while one publish of NAME runs (released by the system if its process dies)."""
+
+    def __init__(self, out: Path, name: str):
+        self.path = out / f".{name}.lock"
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 def _current_files(out: Path, name: str) -> set[str]:
@@ -104,8 +133,14 @@ def _current_files(out: Path, name: str) -> set[str]:
         return set()
 
 
-def _drop_old_versions(out: Path, name: str, keep: str) -> None:
-    """All versions but the current and the newest before it (which readers may still be opening)."""
-    versions = sorted((p for p in out.glob(f".{name}.v-*") if p.name != keep), key=lambda p: p.name)
-    for old in versions[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
+def _linked(out: Path, name: str) -> set[str]:
+    """The names in `out` that are links into NAME's versions."""
+    return {p.name for p in out.glob(f"{name}.*") if p.is_symlink() and os.readlink(p).startswith(f".{name}.")}
+
+
+def _drop_old_versions(out: Path, name: str, keep: set[str | None]) -> None:
+    """Every version but those in `keep` and those a name in `out` still points into."""
+    pointed = {os.readlink(out / link).split("/", 1)[0] for link in _linked(out, name)}
+    for old in out.glob(f".{name}.v-*"):
+        if old.name not in keep and old.name not in pointed:
+            shutil.rmtree(old, ignore_errors=True)

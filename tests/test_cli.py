@@ -14,6 +14,7 @@ import pytest
 from conftest import save_hf
 from exporter import cli
 from runtime.manifest import Manifest
+from runtime.pinned import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--max-batch", "2", "--max-sequence", "16", "--eval-data", "none"]  # quick builds that are not the point
@@ -133,7 +134,7 @@ def test_interrupted_build_leaves_the_previous_artifact(tmp_path, monkeypatch, c
     assert cli.main(["build", "--head", "mlm", "--max-sequence", "8", "--eval-data", "none", "--out", str(tmp_path)]) == 130
     assert visible(tmp_path) == before
     assert not [p for p in os.listdir(tmp_path) if ".building-" in p]  # no staging folder left either
-    Manifest.load(tmp_path / "mlm.json").verify_files(tmp_path)
+    verify(tmp_path / "mlm.json")
 
 
 def test_flags_override_the_recipe_and_limits_follow_the_model(tmp_path, capsys):
