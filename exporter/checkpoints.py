@@ -482,16 +482,18 @@ def load(head: str, source: str | Path, *, config: MegatronBertConfig | dict[str
             raise CheckpointError(f"{path}: no config.json in this model directory (or pass --config)")
         stored = read_json(path / "config.json", "config") if (path / "config.json").exists() else {}
         config = MegatronBertConfig.from_hf_dict({**stored, **given})
+        if memory_check:  # before the weights are read
+            check_memory(config, str(path))
         state, files = read_hf_weights(path)
     elif path.is_dir() or path.suffix in (".zip", ".pt"):
         kind = "megatron"
         files = sorted(path.rglob("*.pt")) + sorted(path.glob("latest_*.txt")) if path.is_dir() else [path]
-        state, config, notes = read_megatron(path, given)
+        state, config, notes = read_megatron(path, given)  # the config comes with the weights
+        if memory_check:
+            check_memory(config, str(path))
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected a Hugging Face model directory, "
                               "a Megatron .zip or a .pt)")
-    if memory_check:
-        check_memory(config, str(path))
     model = build_head(head, config)
     init_weights(model, config.initializer_range, seed)  # only what the checkpoint lacks keeps these
     unused, missing = fill_head(model, normalize_names(state), str(path), allow_random_head)

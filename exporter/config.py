@@ -13,6 +13,7 @@ from runtime.files import read_json
 # config outside them is a mistake or an attack, not a model, and would ask the allocator for terabytes.
 SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**15, "num_hidden_layers": 512, "num_attention_heads": 1024,
                "intermediate_size": 2**17, "max_position_embeddings": 2**16, "type_vocab_size": 2**10}
+MAX_LABELS = 2**17  # a classifier's outputs; its weights (hidden x labels) enter the memory check too
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -41,8 +42,9 @@ class MegatronBertConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id2label, dict):
-            raise UserError(f"config: id2label must be an object of labels, got {self.id2label!r}")
-        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            raise UserError(f"config: id2label must be an object of labels, got {type(self.id2label).__name__}")
+        _count("labels in id2label", len(self.id2label))
+        self.id2label = {_label_index(k): _label(v) for k, v in self.id2label.items()}
         for name, most in SIZE_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
@@ -74,7 +76,8 @@ class MegatronBertConfig:
         hidden, inner, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         per_layer = 4 * hidden * hidden + 2 * hidden * inner + 9 * hidden + inner
         tables = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * hidden
-        return tables + layers * per_layer + hidden * hidden + self.vocab_size
+        classifier = (hidden + 1) * self.num_labels
+        return tables + layers * per_layer + hidden * hidden + self.vocab_size + classifier
 
     @property
     def num_labels(self) -> int:
@@ -104,11 +107,21 @@ class MegatronBertConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known and v is not None}
         if "id2label" not in values and "num_labels" in data:
-            values["id2label"] = {i: f"LABEL_{i}" for i in range(int(data["num_labels"]))}
+            values["id2label"] = {i: f"LABEL_{i}" for i in range(_count("num_labels", data["num_labels"]))}
         if "label2id" in data and "id2label" not in data:
-            values["id2label"] = {int(i): label for label, i in data["label2id"].items()}
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = values["eos_token_id"][0]
+            label2id = data["label2id"]
+            if not isinstance(label2id, dict):
+                raise UserError(f"config: label2id must be an object of label -> id, got {type(label2id).__name__}")
+            _count("labels in label2id", len(label2id))
+            values["id2label"] = {_label_index(i): label for label, i in label2id.items()}
+        for name in ("bos_token_id", "eos_token_id"):  # HF allows a list of ids; the first ends generation
+            value = values.get(name)
+            if isinstance(value, list):
+                if not value:
+                    raise UserError(f"config: {name} is an empty list; give an id, a list of ids or null")
+                value = values[name] = value[0]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise UserError(f"config: {name} must be a token id (an integer of at least 0), got {value!r}")
         try:
             return cls(**values)
         except TypeError as err:  # a field of the wrong type that the checks above did not reach
@@ -125,3 +138,24 @@ class MegatronBertConfig:
         data["label2id"] = self.label2id
         data["model_type"] = "megatron-bert"
         return data
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LABELS:
+        raise UserError(f"config: {name} must be an integer from 1 to {MAX_LABELS}, got {value!r}")
+    return value
+
+
+def _label_index(key: Any) -> int:
+    """A label's number: an integer, or its decimal string (JSON object keys are strings)."""
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 7:
+        return int(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    raise UserError(f"config: a label's id must be an integer, got {key!r}")
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"config: a label must be a string, got {type(value).__name__}")
+    return str(value)

@@ -159,3 +159,40 @@ def test_a_model_beyond_this_machines_memory_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"weights alone need 16\.2 GiB .* 1\.0 GiB available; pass "
                                         "--skip-memory-check"):
         checkpoints.random_model("qa", config)
+
+
+LABEL_CONFIGS = {
+    "a billion labels": dict(num_labels=10**9),
+    "4M labels at hidden 1024": dict(num_labels=4_000_000, hidden_size=1024, num_attention_heads=16),
+    "labels as text": dict(num_labels="abc"),
+    "labels as 1e400": dict(num_labels=float("inf")),
+    "label ids not integers": dict(id2label={"a": "x", "b": "y"}),
+    "label2id a list": dict(label2id=["x", "y"]),
+    "eos an empty list": dict(eos_token_id=[]),
+}
+
+
+@pytest.mark.parametrize("config", LABEL_CONFIGS.values(), ids=LABEL_CONFIGS.keys())
+def test_label_fields_are_typed_and_bounded_before_any_allocation(tmp_path, config):
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["tiny"], **config}))  # json writes inf as Infinity
+    message = load_error("sequence-classification", tmp_path)
+    assert message.startswith("config:"), message
+
+
+def test_a_config_asking_for_a_billion_labels_exits_2_at_once_with_little_memory(tmp_path):
+    """Through the CLI, as a user would run it: exit 2 in under 10 s, the process never above 1 GiB."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["tiny"], "num_labels": 10**9}))
+    cli = ("import resource, sys\nfrom exporter.cli import main\ncode = main(sys.argv[1:])\n"
+           "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\nsys.exit(code)")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", cli, "build", "--head", "sequence-classification",
+                             "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"), "--eval-data", "none"],
+                            capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert result.returncode == 2 and "num_labels must be an integer from 1 to" in result.stderr, result.stderr
+    peak = int(result.stderr.split("peak ")[1])
+    assert seconds < 10 and peak < 2**30, (seconds, peak)
