@@ -17,6 +17,7 @@ from runtime.errors import UserError
 from runtime.heads import HEADS
 
 from .errors import ValidationFailed
+from .http_guard import MAX_REQUEST_BYTES
 from .interrupts import exit_at_once
 from .recipes import BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
 from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
@@ -130,6 +131,11 @@ def parser() -> Parser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default: 8000)")
     s.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default: 8001)")
+    s.add_argument("--public-key", type=Path, metavar="PUB", help="serve only artifacts signed (NAME.sig) by this "
+                   "elliptic-curve public key's private key; each model checks the bytes it loads")
+    s.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N",
+                   help=f"largest HTTP request taken, and largest input any request may declare "
+                   f"(default: {MAX_REQUEST_BYTES})")
     batching_arguments(s)
 
     v = commands.add_parser("verify", help="check artifacts on the machine that will serve them",
@@ -192,8 +198,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
 
 def sign_artifacts(paths: list[Path], key: Path, password_env: str | None) -> None:
-    from runtime.manifest import Manifest
-    from runtime.session import find_manifest
+    from runtime.pinned import find_manifest, verify
     from runtime.signatures import sign
 
     password = None
@@ -203,7 +208,7 @@ def sign_artifacts(paths: list[Path], key: Path, password_env: str | None) -> No
         password = os.environ[password_env]
     manifests = [find_manifest(path) for path in paths]  # every name checked before any is signed
     for manifest in manifests:  # sign only what is whole as built
-        Manifest.load(manifest).verify_files(manifest.parent)
+        verify(manifest)
     for manifest in manifests:
         print(f"signed {manifest} -> {sign(manifest, key, password)}")
 
@@ -269,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             for port, flag in ((args.port, "--port"), (args.grpc_port, "--grpc-port")):
                 if not 0 < port < 65536:
                     raise UserError(f"{flag} must be a port number (1-65535)")
+            if args.max_request_bytes < 1:
+                raise UserError("--max-request-bytes must be at least 1")
             return serve(args.artifacts, ServeOptions(host=args.host, port=args.port, grpc_port=args.grpc_port,
-                                                      queue_delay_us=queue_delay(args)))
+                                                      queue_delay_us=queue_delay(args), public_key=args.public_key,
+                                                      max_request_bytes=args.max_request_bytes))
         if args.command == "sign":
             sign_artifacts(args.artifacts, args.key, args.password_env)
             return 0

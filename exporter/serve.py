@@ -5,6 +5,11 @@ only Triton's Python backend, so every graph is served in the Python-backend for
 (runtime.Session running the artifact in process, read where it is), with NAME-text beside it. The
 repository and the backend folder live in a temporary folder removed on exit.
 
+Clients reach Triton's gRPC endpoint directly and its HTTP endpoint through exporter.http_guard, which
+refuses requests that declare more than they carry (Triton's HTTP endpoint would allocate them and die).
+With a public key, each model opens its artifact only if it is signed by the key's private key, checked on
+the bytes it loads; an artifact that is not stays UNAVAILABLE, as a tampered one does.
+
 On Ctrl-C or SIGTERM the server is asked to stop (it finishes in-flight requests first); the server
 also stops if this process dies.
 """
@@ -36,6 +41,7 @@ from runtime.heads import HEADS, parse_field
 from runtime.manifest import Manifest
 from runtime.session import find_manifest
 
+from .http_guard import MAX_REQUEST_BYTES, Guard
 from .triton import QUEUE_DELAY_US, RepositoryOptions, write_repository
 
 INSTALL_HINT = "pip install 'megatron-deploy[serve]' (nvidia-pytriton's tritonserver)"
@@ -48,6 +54,8 @@ class ServeOptions:
     port: int = 8000
     grpc_port: int = 8001
     queue_delay_us: int | None = QUEUE_DELAY_US  # None: no dynamic batching
+    public_key: Path | None = None  # serve only artifacts signed by its private key
+    max_request_bytes: int = MAX_REQUEST_BYTES  # HTTP requests, and any input a request declares
 
 
 @dataclass
@@ -109,6 +117,12 @@ def site_dirs() -> tuple[str, ...]:
     dirs = [str(Path(runtime.__file__).resolve().parent.parent), *site.getsitepackages()]
     user = site.getusersitepackages()
     return tuple(dict.fromkeys(dirs + ([user] if os.path.isdir(user) else [])))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -173,15 +187,19 @@ def serve(artifacts: list[Path], options: ServeOptions, say: Callable[[str], Non
     check_numpy()
     check_port_free(options.host, options.port, "--port")
     check_port_free(options.host, options.grpc_port, "--grpc-port")
+    manifests = [Manifest.load(find_manifest(a)) for a in artifacts]
+    if options.public_key is not None and not options.public_key.is_file():
+        raise UserError(f"--public-key {options.public_key}: no such file")
     with tempfile.TemporaryDirectory(prefix="megatron-serve-") as work:
         repository = Path(work) / "models"
-        manifests = [Manifest.load(find_manifest(a)) for a in artifacts]
         models = write_repository(artifacts, repository, RepositoryOptions(
             device="cpu", with_tokenizer=True, python_backend=True, queue_delay_us=options.queue_delay_us,
-            in_place=True, site_dirs=site_dirs()))
+            in_place=True, site_dirs=site_dirs(), public_key=options.public_key))
+        triton_http = ("127.0.0.1", free_port())  # reached only through the guard
+        guard = Guard((options.host, options.port), triton_http, options.max_request_bytes)
         command = [str(install.server), f"--model-repository={repository}",
                    f"--backend-directory={install.backends(Path(work))}",
-                   f"--http-address={options.host}", f"--http-port={options.port}",
+                   f"--http-address={triton_http[0]}", f"--http-port={triton_http[1]}",
                    f"--grpc-address={options.host}", f"--grpc-port={options.grpc_port}",
                    "--allow-metrics=false", "--exit-on-error=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         say(f"starting Triton with {len(models)} models: {', '.join(models)}")
@@ -189,6 +207,7 @@ def serve(artifacts: list[Path], options: ServeOptions, say: Callable[[str], Non
                                    preexec_fn=_die_with_parent)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
         http = f"http://{'[' + options.host + ']' if ':' in options.host else options.host}:{options.port}"
+        guard.start()
         try:
             wait_until_live(process, http)
             states = model_states(http)
@@ -211,6 +230,8 @@ def serve(artifacts: list[Path], options: ServeOptions, say: Callable[[str], Non
         finally:
             signal.signal(signal.SIGTERM, previous)
             stop(process)
+            guard.shutdown()
+            guard.server_close()
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -15,6 +15,7 @@ taking text (runtime.triton_models.TextModel).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 from runtime.manifest import Manifest
+from runtime.pinned import verify
 from runtime.session import find_manifest
 
 DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
@@ -62,6 +64,7 @@ class RepositoryOptions:
     queue_delay_us: int | None = QUEUE_DELAY_US  # dynamic batching's wait; None: no dynamic batching
     in_place: bool = False  # Python-backend models read the artifact where it is (exporter serve), not a copy
     site_dirs: tuple[str, ...] = ()  # added to the Python backend's path (exporter serve: its own Python's)
+    public_key: Path | None = None  # Python-backend models open only artifacts signed by its private key
 
 
 def tensor_config(tensor: dict, batched: bool) -> str:
@@ -73,7 +76,13 @@ def tensor_config(tensor: dict, batched: bool) -> str:
 
 
 def parameters(values: dict[str, str]) -> list[str]:
-    return [f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()]
+    return [f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(v, ensure_ascii=False)} }} }}' for k, v in values.items()]
+
+
+def model_parameters(artifact: str, options: RepositoryOptions, **more: str) -> str:
+    """A Python-backend model's parameters: its artifact, the public key it requires, and `more`."""
+    key = {"public_key": str(options.public_key.resolve())} if options.public_key is not None else {}
+    return "\n".join(parameters({**more, "artifact": artifact, **key})) + "\n"
 
 
 def model_config(name: str, manifest: Manifest, graph: str, kind: str, serving: str,
@@ -87,12 +96,18 @@ def model_config(name: str, manifest: Manifest, graph: str, kind: str, serving: 
              "input [", ",\n".join(tensor_config(t, batched) for t in declared["inputs"]), "]",
              "output [", ",\n".join(tensor_config(t, batched) for t in declared["outputs"]), "]",
              f"instance_group [ {{ kind: {kind} count: 1 }} ]"]
-    if batched and options.queue_delay_us is not None:
+    if batched and options.queue_delay_us is not None and batch_independent(manifest, kind):
         # An engine runs fastest at its profile's opt batch; ONNX Runtime has no such size, so the
         # Python form takes whatever has queued.
         preferred = "" if serving == "python" else f"preferred_batch_size: [ {opt} ] "
         lines.append(f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {options.queue_delay_us} }}")
     return "\n".join(lines) + "\n"
+
+
+def batch_independent(manifest: Manifest, kind: str) -> bool:
+    """Whether a row's answer is the same whatever is batched beside it. Not for int8 on a CPU: its
+    dynamic form scales activations per call, over the whole batch (the GPU form, Q/DQ, has fixed scales)."""
+    return not (manifest.precision == "int8" and kind == "KIND_CPU")
 
 
 TEXT_CONFIG = """name: "{name}"
@@ -140,7 +155,7 @@ def write_text_model(manifest_path: Path, manifest: Manifest, out: Path, options
     name = f"{manifest.name}-text"
     version = fresh_version(out, name)
     reference = artifact_reference(manifest_path, [manifest.tokenizer["file"]], version, options)
-    config = TEXT_CONFIG.format(name=name, instances=TEXT_INSTANCES) + "\n".join(parameters({"artifact": reference})) + "\n"
+    config = TEXT_CONFIG.format(name=name, instances=TEXT_INSTANCES) + model_parameters(reference, options)
     write_python_model(version, "TextModel", config, options)
     return name
 
@@ -155,8 +170,7 @@ def write_graph_model(manifest_path: Path, manifest: Manifest, graph: str, out: 
     if options.python_backend:
         reference = artifact_reference(manifest_path, list(manifest.files), version, options)
         config = model_config(name, manifest, graph, kind, "python", options)
-        write_python_model(version, "GraphModel", config + "\n".join(parameters({"graph": graph, "artifact": reference})) + "\n",
-                           options)
+        write_python_model(version, "GraphModel", config + model_parameters(reference, options, graph=graph), options)
         return name
     if engine and gpu:
         shutil.copy(manifest_path.parent / engine["file"], version / "model.plan")
@@ -184,7 +198,7 @@ def write_repository(artifacts: list[Path], out: Path, options: RepositoryOption
             raise UserError(f"{artifact}: another artifact given is also named {manifest.name!r}; each needs its own "
                             "model names in a repository (build with --name)")
         if not options.in_place:  # in place, the server's Session checks them as it loads
-            manifest.verify_files(manifest_path.parent)
+            verify(manifest_path)
         loaded[manifest.name] = manifest_path, manifest
     written = []
     for manifest_path, manifest in loaded.values():

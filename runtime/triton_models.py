@@ -19,6 +19,7 @@ model's version folder or absolute).
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,31 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 
 from .errors import UserError
 from .manifest import Manifest
-from .session import Session
+from .pinned import verify
+from .session import Session, find_manifest
 
 
 def artifact_path(args: dict[str, str]) -> Path:
     """The manifest named by the model config's `artifact` parameter."""
-    config = json.loads(args["model_config"])
-    named = Path(config["parameters"]["artifact"]["string_value"])
+    named = Path(parameter(args, "artifact") or "")
     return named if named.is_absolute() else Path(args["model_repository"]) / args["model_version"] / named
 
 
+def parameter(args: dict[str, str], key: str) -> str | None:
+    """A string parameter of the model's config (None where it has none)."""
+    entry = json.loads(args["model_config"]).get("parameters", {}).get(key)
+    return None if entry is None else entry["string_value"]
+
+
 def error_response(err: Exception) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err)))
+    """The runtime's refusal as the client's error (HTTP 400, gRPC INVALID_ARGUMENT); anything else as an
+    internal error whose details stay in the server's log, never with the client."""
+    if isinstance(err, UserError):
+        error = pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)
+    else:
+        print(f"megatron-deploy: request failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        error = pb_utils.TritonError(f"internal error ({type(err).__name__}); the server's log has the details")
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class GraphModel:
@@ -47,7 +61,8 @@ class GraphModel:
         config = json.loads(args["model_config"])
         self.graph = config["parameters"]["graph"]["string_value"]
         self.batched = config["max_batch_size"] > 0
-        self.session = Session(artifact_path(args), backend="onnxruntime", graphs=[self.graph])
+        self.session = Session(artifact_path(args), backend="onnxruntime", graphs=[self.graph],
+                               public_key=parameter(args, "public_key"))
         declared = self.session.manifest.graphs[self.graph]
         self.inputs = [t["name"] for t in declared["inputs"]]
         self.outputs = [t["name"] for t in declared["outputs"]]
@@ -56,10 +71,10 @@ class GraphModel:
         responses: list[Any] = [None] * len(requests)
         groups: dict[Any, list[tuple[int, dict[str, np.ndarray]]]] = defaultdict(list)
         for i, request in enumerate(requests):
-            feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
             try:
+                feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
                 self.session.check_inputs(feed, self.graph)
-            except UserError as err:
+            except Exception as err:  # a client's mistake (UserError) or worse: this request's answer only
                 responses[i] = error_response(err)
                 continue
             shapes = tuple(feed[name].shape[1:] for name in self.inputs) if self.batched else i
@@ -68,7 +83,7 @@ class GraphModel:
             feed = {name: np.concatenate([f[name] for _, f in members]) for name in self.inputs}
             try:
                 outputs = self.session.run(feed, self.graph)
-            except UserError as err:  # together beyond a limit (Triton keeps batches within max_batch_size)
+            except Exception as err:  # together beyond a limit (Triton keeps batches within max_batch_size)
                 for i, _ in members:
                     responses[i] = error_response(err)
                 continue
@@ -100,16 +115,24 @@ class TritonModels:
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs[graph]}
 
 
+def client_mistake(err: Exception) -> Exception:
+    """A request's JSON that the helper cannot take (an unknown argument, a value of the wrong kind, JSON
+    nested too deeply) is the client's mistake, said in one line."""
+    if isinstance(err, (TypeError, ValueError, AttributeError, RecursionError)):
+        return UserError(f"bad REQUEST: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return err
+
+
 class TextModel:
     def initialize(self, args: dict[str, str]) -> None:
-        path = artifact_path(args)
+        path = find_manifest(artifact_path(args))
         manifest = Manifest.load(path)
         # The graphs run elsewhere; still, where the artifact's files sit beside the manifest (as when
         # served in place), a tampered one leaves this model unavailable too.
-        manifest.verify_files(path.parent, [name for name in manifest.files if (path.parent / name).exists()])
+        verify(path, [name for name in manifest.files if (path.parent / name).exists()])
         models = {graph: manifest.model_name(graph) for graph in manifest.graphs}
         outputs = {graph: [t["name"] for t in g["outputs"]] for graph, g in manifest.graphs.items()}
-        self.session = Session(path, backend=TritonModels(models, outputs))
+        self.session = Session(path, backend=TritonModels(models, outputs), public_key=parameter(args, "public_key"))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
@@ -126,6 +149,6 @@ class TextModel:
                 text = json.dumps(result.tolist() if isinstance(result, np.ndarray) else result)
                 out = pb_utils.Tensor("RESULT", np.array([text.encode()], dtype=np.object_))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-            except (UserError, TypeError, ValueError, AttributeError) as err:  # a client's mistake: say so
-                responses.append(error_response(err))
+            except Exception as err:  # one request's failure is its answer alone
+                responses.append(error_response(client_mistake(err)))
         return responses

@@ -221,8 +221,50 @@ def test_bad_requests_get_the_runtimes_message_and_the_server_keeps_serving(serv
                 ask(module, url, "qa-text", arguments)
         with pytest.raises(InferenceServerException, match="JSON object"):
             infer(module, url, "qa-text", {"REQUEST": np.array([b"[1, 2]"], dtype=np.object_)}, ["RESULT"])
+        # a refusal is the client's error, in one line, with nothing of the server's insides
+        refused = "400" if module is httpclient else "StatusCode.INVALID_ARGUMENT"
+        for request in (json.dumps({"question": "?", "context": "x", "top_k": 0}), "[" * 100_000 + "]" * 100_000,
+                        json.dumps({"question": "?", "context": "x", "bogus": 1})):
+            with pytest.raises(InferenceServerException) as err:
+                infer(module, url, "qa-text", {"REQUEST": np.array([request.encode()], dtype=np.object_)}, ["RESULT"])
+            assert err.value.status() == refused, (request[:40], err.value.status())
+            assert "Traceback" not in str(err.value) and "/runtime/" not in str(err.value), str(err.value)
+        with pytest.raises(InferenceServerException) as err:
+            infer(module, url, "qa", wrong["too long"][0], outputs)
+        assert err.value.status() == refused
         np.testing.assert_allclose(infer(module, url, "qa", good, outputs)["start_logits"],
                                    session.run(good)["start_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_request_declaring_more_than_it_carries_is_refused_and_the_server_keeps_serving(server, built):
+    """Triton's HTTP endpoint would allocate `[1, 2**40]` int64s before reading 8 (std::bad_alloc kills it);
+    its gRPC endpoint compares sizes first. Both refuse, and the same server answers the next request."""
+    session = Session(built["qa"][0])
+    good = encoded(session, ["Who built the bridge?"], ["Engineers did."])
+    declared = {"input_ids": [1, 1099511627776], "attention_mask": [1, 8], "token_type_ids": [1, 8]}
+    body = {"inputs": [{"name": n, "shape": shape, "datatype": "INT64", "data": [1] * 8} for n, shape in declared.items()]}
+    request = urllib.request.Request(f"http://{server.http}/v2/models/qa/infer", data=json.dumps(body).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400 and "declares more than" in refused.value.read().decode()
+
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    import grpc
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
+    raw = service_pb2.ModelInferRequest(model_name="qa")
+    for name, shape in declared.items():
+        raw.inputs.add(name=name, datatype="INT64", shape=shape)
+        raw.raw_input_contents.append(np.ones(8, np.int64).tobytes())
+    with pytest.raises(grpc.RpcError) as refused_grpc:
+        stub.ModelInfer(raw, timeout=30)
+    assert refused_grpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    for module, url in ((httpclient, server.http), (grpcclient, server.grpc)):
+        np.testing.assert_allclose(infer(module, url, "qa", good, outputs_of(session, "model"))["start_logits"],
+                                   session.run(good)["start_logits"], rtol=1e-5, atol=1e-6)
+    assert server.process.poll() is None and "stopped by itself" not in server.text()
 
 
 def test_many_clients_batched_together_all_get_their_own_answer(server, built):
@@ -354,3 +396,42 @@ def test_serve_refuses_numpy_2_and_a_taken_port(built, monkeypatch, capsys, tmp_
         assert main(["serve", str(built["qa"][0]), "--port", str(taken.getsockname()[1])]) == 2
     assert "choose another with --port" in capsys.readouterr().err
     assert main(["serve", str(built["qa"][0]), "--grpc-port", "70000"]) == 2
+
+
+def test_signed_int8_served_with_a_public_key_answers_alone_as_among_others(serving_python, built_int8, tmp_path):
+    """`serve --public-key`: the signed artifact is served, an unsigned one is not. Its int8 graph's answer
+    to a request is bitwise the same alone and among 15 others sent at once (the dynamic form scales per
+    call, so it is not batched with other requests)."""
+    from test_runtime_session import copy_artifact
+    from test_signing import key_pair
+
+    qa = copy_artifact(built_int8["qa"][0], tmp_path / "qa")
+    unsigned = copy_artifact(built_int8["nsp"][0], tmp_path / "nsp")
+    private, public = key_pair(tmp_path, "ours")
+    assert main(["sign", str(qa), "--key", str(private)]) == 0
+    served = Server(serving_python, [qa, unsigned], tmp_path / "signed.log", "--public-key", str(public))
+    try:
+        log = served.text()
+        assert "  qa: READY" in log and "  qa-text: READY" in log
+        assert "  nsp: UNAVAILABLE" in log and "not signed" in log
+        session = Session(qa)
+        probe = encoded(session, ["Who built the bridge?"], ["Engineers from the town built it."])
+        rng = np.random.default_rng(0)
+        others = [{**probe, "input_ids": rng.integers(5, session.manifest.config["vocab_size"], probe["input_ids"].shape)}
+                  for _ in range(15)]
+        alone = infer(httpclient, served.http, "qa", probe, ["start_logits"])["start_logits"]
+        for _ in range(3):
+            answers: dict[int, np.ndarray] = {}
+
+            def send(index: int, feed: dict[str, np.ndarray]) -> None:
+                answers[index] = infer(httpclient, served.http, "qa", feed, ["start_logits"])["start_logits"]
+
+            threads = [threading.Thread(target=send, args=(i, f)) for i, f in enumerate([*others[:8], probe, *others[8:]])]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert np.array_equal(answers[8], alone)
+        assert ask(grpcclient, served.grpc, "qa-text", {"question": "Who built it?", "context": SHORT})["answer"]
+    finally:
+        assert served.stop() == 0, served.text()[-3000:]
