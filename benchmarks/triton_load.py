@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.bench import machine  # noqa: E402
 from runtime import Session  # noqa: E402
+from runtime.machine import describe  # noqa: E402
 
 
 MODES = ("in-process", "batching", "no-batching")
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all three")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    host = machine()
+    host = describe()
     print(f"# {host['cpu']}, {host['cores']} cores, flags {', '.join(host['cpu_flags']) or 'none'}; "
           f"batch 1 x {args.seq} tokens per request")
     print("| artifact | served by | clients | requests | p50 ms | p99 ms | requests/s | errors | mismatches |")

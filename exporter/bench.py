@@ -11,7 +11,6 @@ where installed).
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import onnxruntime as ort
 import torch
 
 from runtime import Session, openvino_backend, tensorrt_backend
+from runtime.machine import describe
 from runtime.errors import UserError
 from runtime.evaluation import evaluate, read_examples
 from runtime.generation import Generator, SamplingOptions
@@ -297,24 +297,9 @@ def torch_generators(model: HeadModel, manifest: Manifest, ids: torch.Tensor, ne
     return generators
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
 def machine() -> dict[str, Any]:
-    """The CPU by name and the instruction sets that decide speed here (figures hold only with these)."""
-    import os
-
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
-    ids = [line.split(":", 1)[1].strip() for line in info if line.startswith(("physical id", "core id"))]
-    cores = set(zip(ids[::2], ids[1::2]))  # (socket, core) per logical processor
-    return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
-            "physical_cores": len(cores) or None,  # ONNX Runtime's default thread count
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "onnxruntime_providers": ort.get_available_providers(),
-            "tensorrt": tensorrt_backend.usable() or "available",
-            "openvino": openvino_backend.usable() or ("native bf16" if openvino_backend.native_bf16() else "no native bf16")}
+    """The machine (runtime.machine) and the threads PyTorch runs on here."""
+    return {**describe(), "torch_threads": torch.get_num_threads()}
 
 
 def default_lengths(limits: list[int], plotting: bool) -> list[int]:
@@ -373,6 +358,10 @@ def write_json(results: list[Figures], settings: dict[str, Any], path: Path) -> 
 
 
 def plot(results: list[Figures], path: Path) -> None:
+    latency_figure(results).savefig(path)
+
+
+def latency_figure(results: list[Figures]) -> Any:
     """Latency (p50) against sequence length, one line per artifact, backend and batch; the CPU in the title."""
     try:
         import matplotlib
@@ -387,6 +376,10 @@ def plot(results: list[Figures], path: Path) -> None:
                       key=lambda r: r.sequence)
         axes.plot([r.sequence for r in rows], [r.p50_ms for r in rows], marker="o",
                   label=f"{key[0]} {key[1]} {key[2]} b{key[3]}")
+    lengths = sorted({r.sequence for r in results})
+    axes.set_xscale("log", base=2)  # the lengths double: evenly spaced, the short ones not crowded
+    axes.set_xticks(lengths, [str(n) for n in lengths])
+    axes.minorticks_off()
     axes.set_xlabel("sequence length (tokens)")
     axes.set_ylabel("p50 latency (ms)")
     axes.set_ylim(bottom=0)
@@ -395,4 +388,4 @@ def plot(results: list[Figures], path: Path) -> None:
                    fontsize="small")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
+    return figure

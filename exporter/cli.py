@@ -32,7 +32,10 @@ class Parser(argparse.ArgumentParser):
 def parser() -> Parser:
     top = Parser(prog="python -m exporter", description="Turn MegatronBERT checkpoints into validated "
                  "ONNX artifacts (graphs + tokenizer + manifest) for runtime.Session.")
-    commands = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    top.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                     help="print the package's version and exit")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
+                                  help="one of the commands below; COMMAND --help for its options")
 
     b = commands.add_parser("build", help="export, validate and write one artifact",
                             description="Export one head of a checkpoint to ONNX, validate it against the "
@@ -107,12 +110,14 @@ def parser() -> Parser:
     a.add_argument("--heads", type=names, metavar="H,H", help="only these heads (default: every recipe's)")
     a.add_argument("--precisions", type=names, default=list(PRECISIONS), metavar="P,P",
                    help="default: fp32,fp16,int8")
-    a.add_argument("--out", type=Path, required=True, metavar="DIR")
+    a.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where the artifacts and their index.json go")
     a.add_argument("--backend", choices=BACKENDS, default="auto", help="as for build (default: auto)")
 
     r = commands.add_parser("triton", help="write artifacts as a Triton model repository",
                             description="Write <model>/config.pbtxt and <model>/1/model.plan|model.onnx per graph.")
-    r.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
+    r.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
+                   help="an artifact's manifest (NAME.json) or graph (NAME.onnx)")
     r.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model repository")
     r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="instance group kind (default auto: GPU for engines, CPU for ONNX)")
@@ -127,7 +132,8 @@ def parser() -> Parser:
                             "artifacts (Python-backend models running runtime.Session, NAME-text included), wait "
                             "until it is ready and print its endpoints. Ctrl-C or SIGTERM stops it; in-flight "
                             "requests finish first.")
-    s.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT")
+    s.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
+                   help="an artifact's manifest (NAME.json) or graph (NAME.onnx) to serve")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default: 8000)")
     s.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default: 8001)")
@@ -154,8 +160,47 @@ def parser() -> Parser:
     g.add_argument("--password-env", metavar="VAR", help="the environment variable holding the key's password, "
                    "if it is encrypted")
 
-    commands.add_parser("heads", help="list the heads with their inputs and outputs")
+    commands.add_parser("heads", help="list the heads with their inputs and outputs",
+                        description="List the nine heads this tool builds, each with its graphs' inputs and "
+                        "outputs (dynamic axes by name), as the manifests declare them.")
     return top
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-deploy")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The files and folders the user named exist: said at once, before torch and ONNX Runtime load
+    (seconds on a cold machine)."""
+    if args.command == "build":
+        checkpoint, config = args.checkpoint, args.config
+        if checkpoint in (None, "demo", "demo-random"):
+            checkpoint = None
+        elif checkpoint.startswith("random:"):
+            checkpoint = checkpoint.removeprefix("random:")
+        if checkpoint != args.checkpoint and args.checkpoint not in (None, "demo"):
+            config = None  # random weights take no --config: build says so
+        for flag, value, what in (("--checkpoint", checkpoint, "checkpoint"), ("--config", config, "config"),
+                                  ("--tokenizer", args.tokenizer, "tokenizer"), ("--recipe", args.recipe, "recipe"),
+                                  ("--calibration-data", args.calibration_data, "calibration set"),
+                                  ("--eval-data", None if args.eval_data == "none" else args.eval_data,
+                                   "evaluation set")):
+            if value is not None and not Path(value).exists():
+                raise UserError(f"{flag} {value}: no such {what}")
+    if args.command in ("bench", "triton", "serve", "sign"):
+        from runtime.pinned import manifest_beside
+
+        for artifact in args.artifacts:
+            if not manifest_beside(artifact).exists():
+                raise UserError(f"{artifact}: no such artifact")
+    if args.command == "build-all" and not args.recipes.is_dir():
+        raise UserError(f"--recipes {args.recipes}: no such folder")
 
 
 def names(text: str) -> list[str]:
@@ -249,6 +294,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        check_paths(args)
         if args.command == "heads":
             print(list_heads())
             return 0

@@ -28,10 +28,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,9 @@ from .triton import QUEUE_DELAY_US, RepositoryOptions, write_repository
 
 INSTALL_HINT = "pip install 'megatron-deploy[serve]' (nvidia-pytriton's tritonserver)"
 EXIT_TIMEOUT_S = 30  # how long in-flight requests get to finish on stop
+# What Triton 2.51 logs at start on a machine without a usable GPU (it serves CPU models all the same)
+NO_GPU_NOISE = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient",
+                "CUDA driver is not available", "no CUDA-capable device")
 
 
 @dataclass
@@ -177,6 +182,20 @@ def example_request(http: str, manifest: Manifest) -> str:
     return f"curl {http}/v2/models/{manifest.name}-text/infer -d '{json.dumps(body)}'"
 
 
+def relay(log: IO[bytes], say: Callable[[str], None]) -> None:
+    """Triton's log, line by line, less its complaints about CUDA where there is no usable GPU: on a CPU
+    host they read like failures and are expected (said once instead)."""
+    noted = False
+    for line in iter(log.readline, b""):
+        text = line.decode(errors="replace").rstrip("\n")
+        if any(noise in text for noise in NO_GPU_NOISE):
+            if not noted:
+                say("note: no usable GPU here; Triton's CUDA start-up warnings are expected and left out")
+                noted = True
+            continue
+        say(text)
+
+
 def say_now(message: str) -> None:
     print(message, flush=True)  # between the server's own log lines, also when written to a file
 
@@ -204,7 +223,9 @@ def serve(artifacts: list[Path], options: ServeOptions, say: Callable[[str], Non
                    "--allow-metrics=false", "--exit-on-error=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         say(f"starting Triton with {len(models)} models: {', '.join(models)}")
         process = subprocess.Popen(command, env=install.environment(), start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        relaying = threading.Thread(target=relay, args=(process.stdout, say), daemon=True)
+        relaying.start()
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
         http = f"http://{'[' + options.host + ']' if ':' in options.host else options.host}:{options.port}"
         guard.start()
@@ -230,6 +251,7 @@ def serve(artifacts: list[Path], options: ServeOptions, say: Callable[[str], Non
         finally:
             signal.signal(signal.SIGTERM, previous)
             stop(process)
+            relaying.join(10)
             guard.shutdown()
             guard.server_close()
 

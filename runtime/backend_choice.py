@@ -9,7 +9,6 @@ graphs, the CPU (name and flags) and the libraries' versions: another CPU or ver
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,18 +21,11 @@ import onnxruntime
 from . import openvino_backend
 from .backends import Backend
 from .files import cache_root, write_atomically
+from .machine import cpu
 from .manifest import Manifest
 
 TIMED_TOKENS = 128
 WARMUP, RUNS = 2, 5
-
-
-def cpu() -> str:
-    """The CPU's name and flags (speed differs by both), from /proc/cpuinfo where there is one."""
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    return f"{name} [{' '.join(sorted(f for f in flags if f.startswith(('avx', 'amx'))))}]"
 
 
 def timed_graph(manifest: Manifest) -> str:

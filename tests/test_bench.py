@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter import bench
 from exporter.cli import main
 from runtime import openvino_backend
 
@@ -43,8 +44,12 @@ def test_bench_plot_defaults_to_a_range_of_lengths_and_refuses_one(built, tmp_pa
     manifest, picture, out = built["qa"][0], tmp_path / "range.png", tmp_path / "range.json"
     assert main(["bench", str(manifest), "--iterations", "1", "--warmup", "0", "--plot", str(picture),
                  "--json", str(out)]) == 0
-    assert sorted({r["sequence"] for r in json.loads(out.read_text())["results"]}) == [8, 16, 32, 48]  # max 48
+    rows = json.loads(out.read_text())["results"]
+    assert sorted({r["sequence"] for r in rows}) == [8, 16, 32, 48]  # max 48
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = bench.latency_figure([bench.Figures(**row) for row in rows]).axes[0]
+    assert axes.get_xscale() == "log"  # doubling lengths evenly spaced, each labelled
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["8", "16", "32", "48"]
     capsys.readouterr()
     assert main(["bench", str(manifest), "--seq", "16", "--plot", str(tmp_path / "one.png")]) == 2
     assert "one length" in capsys.readouterr().err and not (tmp_path / "one.png").exists()

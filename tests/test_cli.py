@@ -147,3 +147,37 @@ def test_flags_override_the_recipe_and_limits_follow_the_model(tmp_path, capsys)
     assert manifest["tokenizer"]["max_length"] == 64
     assert manifest["graphs"]["model"]["file"] == "tagger.onnx"
     assert {c["sizes"]["batch"] for c in manifest["validation"]["cases"] if c["case"] != "all"} == {1, 3}
+
+
+def test_version_and_help_for_every_command_and_argument(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"python -m exporter {version('megatron-deploy')}"
+    top = cli.parser()
+    commands = next(a for a in top._actions if isinstance(a, cli.argparse._SubParsersAction))
+    assert {c.dest for c in commands._choices_actions} == set(commands.choices)
+    for choice in commands._choices_actions:
+        assert choice.help, f"{choice.dest}: no help in the command list"
+    for name, command in commands.choices.items():
+        assert command.description, f"{name}: no description"
+        for action in command._actions:
+            if not isinstance(action, cli.argparse._HelpAction):
+                assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest}: no help text"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["build", "--head", "qa", "--checkpoint", "/tmp/nope/my-model"], ["no such checkpoint"]),
+    (["build", "--head", "qa", "--eval-data", "/tmp/nope/eval.jsonl"], ["no such evaluation set"]),
+    (["bench", "artifacts/nope.json"], ["no such artifact"]),
+    (["serve", "artifacts/nope.onnx"], ["no manifest nope.json beside it"]),
+])
+def test_a_missing_path_is_said_at_once_before_any_heavy_import(args, words):
+    """Under 5 s: no torch, no ONNX Runtime session, no export first (the margin is for a loaded machine)."""
+    import time
+
+    started = time.monotonic()
+    result = exporter(*args)
+    assert_user_error(result, *words)
+    assert time.monotonic() - started < 5 and result.stdout == ""

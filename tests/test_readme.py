@@ -122,3 +122,10 @@ def test_readme_serve_block_answers_as_the_session_does(workspace, serving_pytho
 
     expected = Session(workspace / "artifacts" / "qa.json", backend="onnxruntime").answer(**request)  # as served
     assert served == json.loads(json.dumps(expected)) and served["answer"]
+
+
+def test_the_serving_environment_the_readme_makes_is_not_part_of_the_repository():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", ".serve/bin/python"], cwd=ROOT)
+    assert result.returncode == 0, ".serve/ (the README's serving venv) is not ignored by git"

@@ -195,6 +195,7 @@ def test_health_readiness_and_a_tampered_artifact_left_unavailable(server):
     assert server.status("/v2/models/nsp/ready") == 400 and server.status("/v2/models/nsp-text/ready") == 400
     assert server.status("/v2/health/live") == 200
     assert server.status("/v2/health/ready") == 400  # strict readiness: a replica missing a model takes no traffic
+    assert "CudaDriverHelper" not in log and "CUDA driver version is insufficient" not in log  # a CPU host's noise
 
 
 def test_bad_requests_get_the_runtimes_message_and_the_server_keeps_serving(server, built):
@@ -435,3 +436,28 @@ def test_signed_int8_served_with_a_public_key_answers_alone_as_among_others(serv
         assert ask(grpcclient, served.grpc, "qa-text", {"question": "Who built it?", "context": SHORT})["answer"]
     finally:
         assert served.stop() == 0, served.text()[-3000:]
+
+
+def test_the_load_benchmark_runs_from_the_serving_environment(serving_python):
+    """As the README runs it, with none of the exporter's own libraries (a serving install has no torch)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "triton_load.py"
+    blocked = ("import runpy, sys\nfor m in ('torch', 'onnx', 'onnxscript', 'onnx_ir', 'safetensors', 'polygraphy'):\n"
+               "    sys.modules[m] = None\nsys.argv = [sys.argv[1], '--help']\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([str(serving_python), "-c", blocked, str(script)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--concurrency" in result.stdout, result.stderr[-2000:]
+
+
+def test_tritons_cuda_complaints_on_a_cpu_host_are_one_note():
+    import io
+
+    from exporter.serve import relay
+
+    said: list[str] = []
+    log = (b'E1202 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+           b'I1202 model_lifecycle.cc:849] "successfully loaded \'qa\'"\n'
+           b'W1202 pinned_memory_manager.cc:273] "Unable to allocate pinned system memory, pinned memory pool will '
+           b'not be available: CUDA driver version is insufficient for CUDA runtime version"\n')
+    relay(io.BytesIO(log), said.append)
+    assert said == ["note: no usable GPU here; Triton's CUDA start-up warnings are expected and left out",
+                    'I1202 model_lifecycle.cc:849] "successfully loaded \'qa\'"']
