@@ -8,17 +8,31 @@ left-padded in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
+from tokenizers import Encoding, Tokenizer
 
 from . import tasks
 from .errors import UserError
+from .manifest import Manifest
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class Model(Protocol):
+    """What generation needs of an open artifact (runtime.Session is one)."""
+
+    manifest: Manifest
+    special: dict[str, int]
+    tokenizer: Tokenizer
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, add_special_tokens: bool = True
+               ) -> list[Encoding]: ...
+
+    def check_inputs(self, inputs: dict[str, Any], graph: str) -> None: ...
+
+    def call(self, graph: str, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,7 @@ def pick(logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator)
 
 
 class Generator:
-    def __init__(self, session: Session, options: SamplingOptions):
+    def __init__(self, session: Model, options: SamplingOptions):
         options.check()
         self.session, self.options = session, options
         self.rng = np.random.default_rng(options.seed)

@@ -131,3 +131,26 @@ def test_runtime_works_without_torch(built):
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in "the cat sat on the mat"
+
+
+def test_no_runtime_module_imports_one_that_imports_it_back():
+    """Every import between runtime's modules, type-only ones too, runs one way: no circle."""
+    import ast
+
+    folder = ROOT / "runtime"
+    modules = {p.stem for p in folder.glob("*.py")}
+    imports: dict[str, set[str]] = {}
+    for module in modules:
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("runtime."):
+                found.add(node.module.split(".")[1])
+        imports[module] = found & modules - {"__init__"}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in imports[start])
+
+    circles = sorted(m for m in modules if reaches(m, m, {m}))
+    assert not circles, f"import circles through {circles}"
