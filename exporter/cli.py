@@ -187,10 +187,9 @@ def check_paths(args: argparse.Namespace) -> None:
         if checkpoint != args.checkpoint and args.checkpoint not in (None, "demo"):
             config = None  # random weights take no --config: build says so
         for flag, value, what in (("--checkpoint", checkpoint, "checkpoint"), ("--config", config, "config"),
-                                  ("--tokenizer", args.tokenizer, "tokenizer"), ("--recipe", args.recipe, "recipe"),
-                                  ("--calibration-data", args.calibration_data, "calibration set"),
-                                  ("--eval-data", None if args.eval_data == "none" else args.eval_data,
-                                   "evaluation set")):
+                                  ("--tokenizer", args.tokenizer, "file"), ("--recipe", args.recipe, "file"),
+                                  ("--calibration-data", args.calibration_data, "file"),
+                                  ("--eval-data", None if args.eval_data == "none" else args.eval_data, "file")):
             if value is not None and not Path(value).exists():
                 raise UserError(f"{flag} {value}: no such {what}")
     if args.command in ("bench", "triton", "serve", "sign"):

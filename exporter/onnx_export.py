@@ -21,6 +21,7 @@ from torch.export import Dim
 
 from runtime.heads import DYNAMIC_AXES, HeadSpec, TensorSpec, expand
 
+from . import export_cache
 from .config import MegatronBertConfig
 from .model import ForCausalLM, HeadModel
 from .samples import synthetic_inputs
@@ -68,7 +69,17 @@ class GraphModule(nn.Module):
 
 
 def export_graph(model: HeadModel, spec: HeadSpec, graph: str, config: MegatronBertConfig, path: Path) -> list[Path]:
-    """Write one graph of `spec` to `path` (plus external data if large); returns the files written."""
+    """Write one graph of `spec` to `path` (plus external data if large); returns the files written. An
+    export of the same weights, config, graph and code is taken from the export cache."""
+    size = weight_bytes(model)
+    if size > export_cache.bound():  # could not be kept: no key worth computing
+        return _export(model, spec, graph, config, path)
+    settings = {"opset": OPSET, "sizes": EXPORT_SIZES, "external_over": EXTERNAL_DATA_OVER}
+    entry = export_cache.key(model, spec, graph, config, settings, path.name if size > EXTERNAL_DATA_OVER else None)
+    return export_cache.exported(entry, path, lambda target: _export(model, spec, graph, config, target))
+
+
+def _export(model: HeadModel, spec: HeadSpec, graph: str, config: MegatronBertConfig, path: Path) -> list[Path]:
     hf_config = config.to_hf_dict()
     inputs = expand(spec.graphs[graph].inputs, hf_config)
     outputs = expand(spec.graphs[graph].outputs, hf_config)

@@ -44,3 +44,18 @@ def test_a_failing_recipe_fails_the_run_but_not_the_others(tmp_path, capsys):
     assert index["nsp-fp32"]["passed"] and index["qa-fp32"]["passed"]
     assert (tmp_path / "out" / "qa-fp32.json").exists() and not (tmp_path / "out" / "base-fp32.json").exists()
     assert "1 failed (base-fp32)" in capsys.readouterr().out
+
+
+def test_each_heads_graphs_are_exported_once_for_all_precisions(tmp_path, monkeypatch):
+    from exporter import onnx_export
+
+    monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))  # nothing kept from other tests
+    exports: list[str] = []
+    real = onnx_export._export
+    monkeypatch.setattr(onnx_export, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
+                        or real(model, spec, graph, config, path))
+    assert main(["build-all", "--recipes", str(recipes(tmp_path / "recipes")), "--precisions", "fp32,fp16,int8",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert sorted(exports) == ["nsp-fp32.onnx", "qa-fp32.onnx"]  # fp16 and int8 start from the same graph
+    index = json.loads((tmp_path / "out" / "index.json").read_text())["artifacts"]
+    assert len(index) == 6 and all(e["passed"] for e in index)

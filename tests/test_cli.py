@@ -169,7 +169,7 @@ def test_version_and_help_for_every_command_and_argument(capsys):
 
 @pytest.mark.parametrize("args, words", [
     (["build", "--head", "qa", "--checkpoint", "/tmp/nope/my-model"], ["no such checkpoint"]),
-    (["build", "--head", "qa", "--eval-data", "/tmp/nope/eval.jsonl"], ["no such evaluation set"]),
+    (["build", "--head", "qa", "--eval-data", "/tmp/nope/eval.jsonl"], ["--eval-data", "no such file"]),
     (["bench", "artifacts/nope.json"], ["no such artifact"]),
     (["serve", "artifacts/nope.onnx"], ["no manifest nope.json beside it"]),
 ])

@@ -85,3 +85,30 @@ def test_export_keeps_no_alias_of_the_weights(tmp_path):
     aliases = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cpu"
                and not isinstance(o, FakeTensor) and o.untyped_storage().data_ptr() in storages]
     assert aliases == []
+
+
+def test_an_export_is_reused_only_for_the_same_weights_config_and_graph(tmp_path, monkeypatch):
+    """The export cache: the same weights, config and graph are exported once (the second build copies
+    the graph, byte for byte); another weight or config exports again; a bound of 0 turns it off."""
+    from exporter import onnx_export
+
+    monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))
+    exports: list[str] = []
+    real = onnx_export._export
+    monkeypatch.setattr(onnx_export, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
+                        or real(model, spec, graph, config, path))
+    config = MegatronBertConfig.from_hf_dict({**CONFIGS["tiny"], "num_labels": 2})
+    model = random_model("qa", config).model
+    export_graph(model, SPECS["qa"], "model", config, tmp_path / "first.onnx")
+    export_graph(model, SPECS["qa"], "model", config, tmp_path / "second.onnx")
+    assert exports == ["first.onnx"]
+    assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
+    with torch.no_grad():
+        model.qa_outputs.weight[0, 0] += 1e-3  # one weight
+    export_graph(model, SPECS["qa"], "model", config, tmp_path / "changed.onnx")
+    other = MegatronBertConfig.from_hf_dict({**CONFIGS["tiny"], "num_labels": 2, "layer_norm_eps": 1e-6})
+    export_graph(random_model("qa", other).model, SPECS["qa"], "model", other, tmp_path / "config.onnx")
+    assert exports == ["first.onnx", "changed.onnx", "config.onnx"]
+    monkeypatch.setenv("MEGATRON_DEPLOY_EXPORT_CACHE_BYTES", "0")
+    export_graph(model, SPECS["qa"], "model", config, tmp_path / "off.onnx")
+    assert exports[-1] == "off.onnx"
