@@ -52,7 +52,7 @@ from .precision import to_fp16
 from .quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
 from .errors import ValidationFailed
 from .publish import publish, staging_folder
-from .recipes import BACKENDS, PRECISIONS, Recipe, load_recipe
+from .recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
 from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
 from .tensorrt_support import TABLE as TENSORRT_TABLE
 from .tensorrt_support import graph_problems, load_structure, profile_problems
@@ -162,8 +162,8 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
 
 def wants_engines(backend: str, log: Log) -> bool:
     """Build TensorRT engines? "auto": where TensorRT and a GPU exist; "tensorrt": must (else exit 2)."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BUILD_BACKENDS:
+        raise UserError(f"unknown --backend {backend!r}; choose one of {', '.join(BUILD_BACKENDS)}")
     if backend == "onnxruntime":
         return False
     reason = tensorrt_backend.usable()

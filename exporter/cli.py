@@ -19,7 +19,7 @@ from runtime.heads import HEADS
 from .errors import ValidationFailed
 from .http_guard import MAX_REQUEST_BYTES
 from .interrupts import exit_at_once
-from .recipes import BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
+from .recipes import BUILD_BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
 from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
 from .triton import QUEUE_DELAY_US
 
@@ -76,7 +76,7 @@ def parser() -> Parser:
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN", help="leave layers matching "
                    "this glob over module names in float, e.g. 'bert.encoder.layer.23.*' (repeatable)")
     t = b.add_argument_group("TensorRT")
-    t.add_argument("--backend", choices=BACKENDS, default="auto", help="tensorrt: build NAME.plan engines or "
+    t.add_argument("--backend", choices=BUILD_BACKENDS, default="auto", help="tensorrt: build NAME.plan engines or "
                    "fail; onnxruntime: no engines; auto (default): engines where TensorRT and a GPU exist")
     t.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
     t.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
@@ -112,7 +112,7 @@ def parser() -> Parser:
                    help="default: fp32,fp16,int8")
     a.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="where the artifacts and their index.json go")
-    a.add_argument("--backend", choices=BACKENDS, default="auto", help="as for build (default: auto)")
+    a.add_argument("--backend", choices=BUILD_BACKENDS, default="auto", help="as for build (default: auto)")
 
     r = commands.add_parser("triton", help="write artifacts as a Triton model repository",
                             description="Write <model>/config.pbtxt and <model>/1/model.plan|model.onnx per graph.")

@@ -1,7 +1,7 @@
 """Export: a reference head to ONNX graphs with dynamic axes, as `runtime.heads` declares them.
 
 torch's exporter (torch.export + dynamo) traces the head at small example sizes; every declared
-dynamic axis becomes a named symbolic dim (batch, sequence, ...). Models over 2 GB go to ONNX
+dynamic axis becomes a named symbolic dim (batch, sequence, ...). Weights over 256 MiB go to ONNX
 external data. Each written graph passes onnx.checker's full check (which includes strict shape
 inference), so what we hand on is a well-formed graph.
 """
@@ -29,8 +29,9 @@ from .samples import synthetic_inputs
 OPSET = 20  # LayerNormalization (17) and Gelu (20) stay single ops, which TensorRT maps to fused layers
 # Tracing sizes: all different (so torch.export cannot conclude two axes are one) and above 1
 # (size-1 axes get specialized to constants).
-# Weights over this go to NAME.onnx.data: protobuf cannot hold over 2 GB, and external data is written
-# tensor by tensor instead of as one whole serialized model (the 345M export peaks 3.8 GB lower).
+# Weights over this (256 MiB) go to NAME.onnx.data: protobuf cannot hold over 2 GB at all, and external data
+# is written tensor by tensor instead of as one whole serialized model (the 345M export peaks 3.8 GB lower).
+# Other modules read it here (onnx_export.EXTERNAL_DATA_OVER), so one patch moves it everywhere.
 EXTERNAL_DATA_OVER = 2**28
 EXPORT_SIZES = {"batch": 2, "choices": 3, "sequence": 7, "past_sequence": 5, "total_sequence": 12}
 

@@ -36,7 +36,8 @@ from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, 
 
 from runtime.errors import UserError
 
-from .onnx_export import EXTERNAL_DATA_OVER, check_graph, written
+from . import onnx_export
+from .onnx_export import check_graph, written
 from .recipes import CALIBRATION_METHODS
 
 METHODS = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
@@ -121,7 +122,7 @@ class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships n
 
 
 def _large(path: Path) -> bool:
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > EXTERNAL_DATA_OVER
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > onnx_export.EXTERNAL_DATA_OVER
 
 
 # ONNX Runtime's calibrators' settings for the histogram methods (create_calibrator's defaults)

@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UserError
+from runtime.manifest_schema import PRECISIONS  # noqa: F401 - the build's choices are the manifest's
 from runtime.heads import DYNAMIC_AXES, HEADS, HeadSpec
 
 from .config import MegatronBertConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A build's choices, known without importing the libraries that build (so `verify` needs only the runtime).
-PRECISIONS = ("fp32", "fp16", "int8")
 JUDGED = (*PRECISIONS, "bf16")  # precisions with bounds; bf16: OpenVINO's compute for fp32 artifacts
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BUILD_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # build --backend: whether to make TensorRT engines
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOLERANCE_KEYS = ("max_abs", "min_cosine", "min_argmax", "tie_margin")
 

@@ -28,7 +28,7 @@ from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
 from .pinned import FORM_SUFFIXES, PinnedArtifact, find_manifest  # noqa: F401 - both part of the runtime's surface
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+SESSION_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 MAX_CHARS = 100_000  # about 25,000 tokens: 200 windows of a 128-token qa artifact
 OPEN_ATTEMPTS = 5  # a publish that replaces the version being opened sends the reader to the new one
 # Integer inputs index tables (ONNX's Gather wraps a negative index around): each must lie in
@@ -50,8 +50,8 @@ class Session:
         `max_chars`: the longest text a helper takes, in characters, refused before tokenizing (a long
         document is read in windows, each a full call of the graph)."""
         path = Path(path)
-        if isinstance(backend, str) and backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if isinstance(backend, str) and backend not in SESSION_BACKENDS:
+            raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(SESSION_BACKENDS)}")
         self.max_chars = _count("max_chars", max_chars, 1)
         external = not isinstance(backend, str)
         pinned = self._pin(path, external, public_key)

@@ -226,7 +226,7 @@ def test_quantizing_piece_by_piece_computes_what_quantizing_the_whole_graph_does
 
 def test_each_piece_holds_a_sliver_of_the_weights_and_large_graphs_stream_to_external_data(built, tmp_path,
                                                                                            monkeypatch):
-    """A graph over 2 GB (here: as if) gets its int8 weights written piece by piece to external data, with
+    """A graph over 256 MiB (here: as if) gets its int8 weights written piece by piece to external data, with
     the scales and zero points left in the graph file where TensorRT's checks (and ONNX Runtime) read them."""
     manifest_path = built["qa"][0]
     fp32 = manifest_path.parent / "qa.onnx"
@@ -242,7 +242,7 @@ def test_each_piece_holds_a_sliver_of_the_weights_and_large_graphs_stream_to_ext
         quantize(piece, out, nodes)
 
     nodes = chosen_nodes(onnx.load(str(fp32)), [])
-    monkeypatch.setattr(quantize, "EXTERNAL_DATA_OVER", 0)  # as if this tiny graph were over 2 GB
+    monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_OVER", 0)  # as if this tiny graph were over 256 MiB
     monkeypatch.setattr(quantize, "INLINE_UNDER", 64)  # and its tensors as large as a real one's
     for form, quantizer in forms.items():
         streamed, whole = tmp_path / f"{form}-streamed.onnx", tmp_path / f"{form}-whole.onnx"
