@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime import Session  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
-from runtime.session import find_manifest  # noqa: E402
+from runtime.pinned import find_manifest  # noqa: E402
 
 
 def resident() -> dict[str, float]:

@@ -28,7 +28,7 @@ from runtime.errors import UserError
 from runtime.evaluation import evaluate, read_examples
 from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
-from runtime.session import find_manifest
+from runtime.pinned import find_manifest
 
 from . import checkpoints
 from .accuracy import TorchBackend

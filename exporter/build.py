@@ -19,7 +19,7 @@ import shutil
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata
@@ -39,7 +39,7 @@ from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
 from runtime.backends import Backend, OnnxRuntimeBackend
 from runtime.openvino_backend import OpenVinoBackend
 from runtime.manifest import Manifest
-from runtime.session import FORM_SUFFIXES
+from runtime.pinned import FORM_SUFFIXES
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
@@ -53,38 +53,13 @@ from .quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_laye
 from .errors import ValidationFailed
 from .publish import publish, staging_folder
 from .recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
-from .tensorrt_engine import EngineOptions, build_engine, profile_shapes
+from .options import BuildOptions
+from .tensorrt_engine import build_engine, profile_shapes
 from .tensorrt_support import TABLE as TENSORRT_TABLE
 from .tensorrt_support import graph_problems, load_structure, profile_problems
 from .validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
 
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
-
-
-@dataclass
-class BuildOptions:
-    head: str
-    precision: str = "fp32"
-    checkpoint: str | None = None  # default: the recipe's
-    config: str | None = None  # a config.json (whole or some fields) over what the checkpoint states
-    tokenizer: str | None = None  # default: the recipe's, else found beside the checkpoint
-    lowercase: bool | None = None  # for a vocab.txt tokenizer
-    out: Path = Path("artifacts")
-    name: str | None = None  # default: the head
-    recipe: str | None = None  # default: recipes/<head>.toml
-    max_batch: int | None = None
-    max_sequence: int | None = None
-    max_choices: int | None = None
-    max_past: int | None = None
-    allow_random_head: bool = False
-    memory_check: bool = True  # refuse a model whose weights exceed this machine's available memory
-    calibration_data: str | None = None  # int8: a .txt or .jsonl (default: the recipe's)
-    calibration_method: str | None = None  # minmax, entropy or percentile (default: the recipe's)
-    calibration_samples: int | None = None  # default: the recipe's
-    keep_float: list[str] = field(default_factory=list)  # int8: module-path globs left unquantized
-    eval_data: str | None = None  # a .jsonl evaluation set, or "none" (default: the recipe's)
-    backend: str = "auto"  # "tensorrt": engines or fail; "onnxruntime": none; "auto": where TensorRT + GPU exist
-    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 Log = Callable[[str], None]

@@ -19,8 +19,10 @@ from runtime.heads import HEADS
 from .errors import ValidationFailed
 from .http_guard import MAX_REQUEST_BYTES
 from .interrupts import exit_at_once
-from .recipes import BUILD_BACKENDS, CALIBRATION_METHODS, PRECISIONS, RECIPES_DIR
-from .tensorrt_engine import HARDWARE_COMPATIBILITY, EngineOptions
+from .recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
+from .flags import add_arguments
+from .options import BuildOptions, from_arguments
+from .tensorrt_engine import EngineOptions
 from .triton import QUEUE_DELAY_US
 
 
@@ -41,50 +43,9 @@ def parser() -> Parser:
                             description="Export one head of a checkpoint to ONNX, validate it against the "
                             "reference PyTorch head, and write NAME.onnx, NAME.tokenizer.json and the manifest "
                             "NAME.json into --out. Defaults come from recipes/HEAD.toml.")
-    b.add_argument("--head", required=True, choices=list(HEADS), metavar="HEAD",
-                   help=f"one of: {', '.join(HEADS)}")
-    b.add_argument("--precision", default="fp32", choices=PRECISIONS, help="default: fp32")
-    b.add_argument("--checkpoint", metavar="PATH", help="a Hugging Face model directory, or a Megatron-LM checkpoint folder, .zip or .pt (any tensor/pipeline parallelism) "
-                   "(default: the recipe's). 'demo': small models trained here for every head; 'demo-random': the "
-                   "same shape with random weights; 'random:CONFIG.json': seeded random weights of any config")
-    b.add_argument("--config", metavar="FILE", help="a Hugging Face config.json, whole or just some fields, over "
-                   "what the checkpoint states: the head count, activation, epsilon and true vocabulary size "
-                   "that a Megatron checkpoint may not store")
-    b.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one "
-                   "(default: the one beside the checkpoint)")
-    b.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
-                   help="lower-case text for a vocab.txt tokenizer (default: its tokenizer_config.json, else yes)")
-    b.add_argument("--out", type=Path, default=Path("artifacts"), metavar="DIR", help="default: artifacts/")
-    b.add_argument("--name", help="artifact name (default: the head)")
-    b.add_argument("--recipe", metavar="FILE", help="a recipe TOML instead of recipes/HEAD.toml")
-    for axis in ("batch", "sequence", "choices", "past"):
-        b.add_argument(f"--max-{axis}", type=int, metavar="N", help=f"largest {axis} size the artifact accepts "
-                       "(default: the recipe's)")
-    b.add_argument("--allow-random-head", action="store_true", help="randomly initialize head weights the "
-                   "checkpoint lacks (e.g. a base checkpoint built as qa) instead of failing")
-    b.add_argument("--skip-memory-check", action="store_true", help="build even when the model's weights exceed "
-                   "the memory this machine has available (it will likely be killed)")
-    b.add_argument("--eval-data", metavar="FILE|none", help="task-accuracy evaluation set: a .jsonl with the "
-                   "head's fields and gold answers (default: the recipe's; none: judge by logits alone)")
-    q = b.add_argument_group("int8")
-    q.add_argument("--calibration-data", metavar="FILE", help="representative text: a .txt of lines, or a .jsonl "
-                   "with the head's fields, e.g. question/context for qa (default: the recipe's corpus)")
-    q.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="how activation ranges are chosen "
-                   "(default: the recipe's, minmax)")
-    q.add_argument("--calibration-samples", type=int, metavar="N", help="examples to calibrate on (default: "
-                   "the recipe's)")
-    q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN", help="leave layers matching "
-                   "this glob over module names in float, e.g. 'bert.encoder.layer.23.*' (repeatable)")
-    t = b.add_argument_group("TensorRT")
-    t.add_argument("--backend", choices=BUILD_BACKENDS, default="auto", help="tensorrt: build NAME.plan engines or "
-                   "fail; onnxruntime: no engines; auto (default): engines where TensorRT and a GPU exist")
-    t.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
-    t.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
-                   help="higher builds slower, may run faster (default: TensorRT's, 3)")
-    t.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY, default="none",
-                   help="let the engine run on other GPUs too, at some speed cost (default: none)")
-    t.add_argument("--timing-cache", type=Path, metavar="FILE", help="tactic timing cache shared by builds "
-                   "(default: ~/.cache/megatron-deploy/trt.cache)")
+    groups = {"int8": b.add_argument_group("int8"), "TensorRT": b.add_argument_group("TensorRT")}
+    for declared in (BuildOptions, EngineOptions):
+        add_arguments(b, declared, groups)
 
     m = commands.add_parser("bench", help="latency, throughput and memory of artifacts, beside PyTorch",
                             description="Time artifacts through runtime.Session on every backend this machine "
@@ -282,14 +243,6 @@ def queue_delay(args: argparse.Namespace) -> int | None:
     return args.max_batch_delay_us if args.dynamic_batching else None
 
 
-def engine_options(args: argparse.Namespace) -> EngineOptions:
-    options = EngineOptions(workspace_gib=args.workspace, optimization_level=args.builder_optimization_level,
-                            hardware_compatibility=args.hardware_compatibility)
-    if args.timing_cache:
-        options.timing_cache = args.timing_cache
-    return options
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -334,17 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if good else 1
         with exit_at_once():
-            from .build import BuildOptions, build  # torch and onnx: only the commands that build import them
+            from .build import build  # torch and onnx: only the commands that build import them
 
-        build(BuildOptions(head=args.head, precision=args.precision, checkpoint=args.checkpoint,
-                           config=args.config, tokenizer=args.tokenizer, lowercase=args.lowercase, out=args.out, name=args.name,
-                           recipe=args.recipe, max_batch=args.max_batch, max_sequence=args.max_sequence,
-                           max_choices=args.max_choices, max_past=args.max_past,
-                           allow_random_head=args.allow_random_head,
-                           memory_check=not args.skip_memory_check, calibration_data=args.calibration_data,
-                           calibration_method=args.calibration_method, calibration_samples=args.calibration_samples,
-                           keep_float=args.keep_float, eval_data=args.eval_data, backend=args.backend,
-                           engine=engine_options(args)))
+        build(from_arguments(args))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

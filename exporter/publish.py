@@ -3,7 +3,7 @@
 An artifact's files live in a version folder, `OUT/.NAME.v-<stamp>/`. `OUT/.NAME.artifact` is a
 symlink to the current one, and `OUT/NAME.json`, `OUT/NAME.onnx`, ... are symlinks through it, so the
 names users know stay put. Publishing is one atomic step, replacing `.NAME.artifact`; a reader that
-resolves the manifest's real path (runtime.session.find_manifest does) reads every file from one
+resolves the manifest's real path (runtime.pinned.find_manifest does) reads every file from one
 version. The version before stays until the next publish, for readers that opened it just before.
 
 Invariants, whatever the file sets of the old and the new artifact:

@@ -41,7 +41,7 @@ import runtime
 from runtime.errors import UserError
 from runtime.heads import HEADS, parse_field
 from runtime.manifest import Manifest
-from runtime.session import find_manifest
+from runtime.pinned import find_manifest
 
 from .http_guard import MAX_REQUEST_BYTES, Guard
 from .triton import QUEUE_DELAY_US, RepositoryOptions, write_repository

@@ -11,12 +11,14 @@ TensorRT is imported only inside the functions: nothing here is needed where no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime import tensorrt_backend
 from runtime.heads import TensorSpec
+
+from .flags import option
 
 STRONGLY_TYPED_SINCE = (10, 12)
 HARDWARE_COMPATIBILITY = ("none", "ampere+", "same-compute-capability")
@@ -24,10 +26,15 @@ HARDWARE_COMPATIBILITY = ("none", "ampere+", "same-compute-capability")
 
 @dataclass
 class EngineOptions:
-    workspace_gib: float | None = None  # builder scratch memory limit; None: TensorRT's default (the GPU's)
-    optimization_level: int | None = None  # 0-5; None: TensorRT's default (3)
-    hardware_compatibility: str = "none"  # build for other GPUs too, at some speed cost
-    timing_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "megatron-deploy" / "trt.cache")
+    workspace_gib: float | None = option("builder workspace limit (default: TensorRT's, the GPU's memory)",
+                                         metavar="GIB", group="TensorRT", name="--workspace")
+    optimization_level: int | None = option("higher builds slower, may run faster (default: TensorRT's, 3)",
+                                            choices=range(6), metavar="0-5", group="TensorRT",
+                                            name="--builder-optimization-level")
+    hardware_compatibility: str = option("let the engine run on other GPUs too, at some speed cost", "none",
+                                         choices=HARDWARE_COMPATIBILITY, group="TensorRT")
+    timing_cache: Path = option("tactic timing cache shared by builds", metavar="FILE", group="TensorRT",
+                                factory=lambda: Path.home() / ".cache" / "megatron-deploy" / "trt.cache")
 
 
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]

@@ -24,7 +24,7 @@ from pathlib import Path
 from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.pinned import verify
-from runtime.session import find_manifest
+from runtime.pinned import find_manifest
 
 DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 QUEUE_DELAY_US = 100

@@ -26,7 +26,7 @@ from .errors import UserError
 from .files import Vanished
 from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
-from .pinned import FORM_SUFFIXES, PinnedArtifact, find_manifest  # noqa: F401 - both part of the runtime's surface
+from .pinned import PinnedArtifact, find_manifest
 
 SESSION_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 MAX_CHARS = 100_000  # about 25,000 tokens: 200 windows of a 128-token qa artifact

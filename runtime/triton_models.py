@@ -29,8 +29,8 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 
 from .errors import UserError
 from .manifest import Manifest
-from .pinned import verify
-from .session import Session, find_manifest
+from .pinned import find_manifest, verify
+from .session import Session
 
 
 def artifact_path(args: dict[str, str]) -> Path:

@@ -181,3 +181,34 @@ def test_a_missing_path_is_said_at_once_before_any_heavy_import(args, words):
     result = exporter(*args)
     assert_user_error(result, *words)
     assert time.monotonic() - started < 5 and result.stdout == ""
+
+
+def test_every_build_default_that_help_gives_is_the_one_that_applies():
+    """Each option is declared once: the defaults --help states are recipes/defaults.toml's values (what a
+    recipe that says nothing of them gets) and the option fields' own."""
+    import argparse
+    import tomllib
+    from dataclasses import MISSING, fields
+
+    from exporter.options import BuildOptions
+    from exporter.recipes import load_recipe
+    from exporter.tensorrt_engine import EngineOptions
+
+    defaults = tomllib.loads((ROOT / "recipes" / "defaults.toml").read_text())
+    commands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: " ".join(a.help.split()) for a in commands.choices["build"]._actions}
+    from_recipes = {"checkpoint": defaults["checkpoint"], "calibration_data": defaults["calibration"]["data"],
+                    "calibration_method": defaults["calibration"]["method"],
+                    "calibration_samples": defaults["calibration"]["samples"],
+                    "max_batch": defaults["shape_limits"]["batch"][2],
+                    "max_sequence": defaults["shape_limits"]["sequence"][2]}
+    for dest, value in from_recipes.items():
+        assert f"(default: the recipe's, {value} in recipes/defaults.toml)" in helps[dest], (dest, helps[dest])
+    assert load_recipe("nsp").calibration["method"] == defaults["calibration"]["method"]  # nsp.toml leaves it
+    for declared in (BuildOptions, EngineOptions):
+        for f in fields(declared):
+            flag = f.metadata.get("flag")
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if flag and not flag.recipe and default not in (None, False, True, [], MISSING) and "(default:" not in flag.help:
+                assert f"(default: {default})" in helps[f.name], (f.name, helps[f.name])
+    assert cli.parser().parse_args(["build", "--head", "qa"]).calibration_method is None  # the recipe decides
