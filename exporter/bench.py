@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from runtime import Session, openvino_backend, tensorrt_backend
+from runtime import Session, feeds, openvino_backend, tensorrt_backend
 from runtime.machine import describe
 from runtime.errors import UserError
 from runtime.evaluation import evaluate, read_examples
@@ -144,14 +144,10 @@ def reference_model(manifest: Manifest) -> HeadModel:
     return checkpoints.load(manifest.head, source["checkpoint"], allow_random_head=True).model.eval()
 
 
-def encoder_inputs(manifest: Manifest, batch: int, sequence: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    graph = manifest.graphs["model"]
-    shape = (batch, manifest.shape_limits["choices"][1], sequence) if "choices" in manifest.shape_limits \
-        else (batch, sequence)
-    feed = {"input_ids": rng.integers(1, manifest.config["vocab_size"], shape),
-            "attention_mask": np.ones(shape, dtype=np.int64), "token_type_ids": np.zeros(shape, dtype=np.int64)}
-    return {t["name"]: feed[t["name"]] for t in graph["inputs"]}
+def encoder_inputs(manifest: Manifest, batch: int, sequence: int) -> dict[str, np.ndarray]:
+    """A timing feed of the encoder graph (choices at the artifact's opt)."""
+    choices = manifest.shape_limits.get("choices", [0, 0, 0])[1]
+    return feeds.feed(manifest, "model", {"batch": batch, "sequence": sequence, "choices": choices})
 
 
 def pytorch_outputs(model: HeadModel, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import Session, pinned, tensorrt_backend
+from runtime import Session, feeds, pinned, tensorrt_backend
 from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.pinned import manifest_beside
-from runtime.session import INDEX_INPUTS
 
 
 def manifests(target: Path) -> list[Path]:
@@ -29,25 +28,6 @@ def manifests(target: Path) -> list[Path]:
     if not target.exists():
         raise UserError(f"{target}: no such artifact")
     return [manifest_beside(target)]
-
-
-def smoke_feed(manifest: Manifest, graph: str) -> dict[str, np.ndarray]:
-    """The smallest inputs the graph takes, a KV cache of zeros, and every index table read at both ends
-    (ids 0 and size - 1, as the manifest states the sizes): a graph whose tables are smaller than its
-    manifest says fails here, not in production."""
-    sizes = {axis: low for axis, (low, _, _) in manifest.shape_limits.items()}
-    sizes["total_sequence"] = sizes["sequence"] + sizes.get("past_sequence", 0)
-    feed = {}
-    for tensor in manifest.graphs[graph]["inputs"]:
-        shape = [sizes[a] if isinstance(a, str) else a for a in tensor["shape"]]
-        name = tensor["name"]
-        if name in INDEX_INPUTS:
-            ends = np.zeros(shape, dtype=tensor["dtype"])
-            ends[..., -1] = manifest.config[INDEX_INPUTS[name]] - 1
-            feed[name] = ends
-        else:
-            feed[name] = np.ones(shape, dtype=tensor["dtype"])
-    return feed
 
 
 def engine_problems(manifest: Manifest) -> list[str]:
@@ -90,7 +70,7 @@ def verify_one(path: Path, public_key: Path | None = None) -> list[str]:
         try:
             session = Session(path, backend=backend, public_key=public_key)
             for graph in manifest.graphs:
-                outputs = session.run(smoke_feed(manifest, graph), graph)
+                outputs = session.run(feeds.feed(manifest, graph, feeds.smallest(manifest), seed=None), graph)
                 if not all(np.isfinite(v).all() for v in outputs.values()):
                     problems.append(f"{backend}: the {graph} graph gives non-finite outputs on a smoke input")
         except UserError as err:

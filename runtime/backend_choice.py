@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from . import openvino_backend
+from . import feeds, openvino_backend
 from .backends import Backend
 from .files import cache_root, write_atomically
 from .machine import cpu
@@ -33,27 +33,12 @@ def timed_graph(manifest: Manifest) -> str:
     return "decode" if "decode" in manifest.graphs else next(iter(manifest.graphs))
 
 
-def synthetic_feed(manifest: Manifest, graph: str) -> dict[str, np.ndarray]:
-    """An input of the graph's declared names, dtypes and shapes: batch 1, up to 128 tokens (a decode
-    step: one token after up to 128)."""
-    limits, rng = manifest.shape_limits, np.random.default_rng(0)
+def timed_sizes(manifest: Manifest, graph: str) -> dict[str, int]:
+    """Batch 1, up to 128 tokens (a decode step: one token after up to 128)."""
+    limits = manifest.shape_limits
     past = min(TIMED_TOKENS, limits.get("past_sequence", [0, 0, 0])[2])
-    sequence = 1 if graph == "decode" else min(TIMED_TOKENS, limits["sequence"][2])
-    sizes = {"batch": 1, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence,
-             "choices": limits.get("choices", [0, 0, 0])[1]}
-    feed = {}
-    for tensor in manifest.graphs[graph]["inputs"]:
-        shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor["shape"])
-        name = tensor["name"]
-        if tensor["dtype"] != "int64":
-            feed[name] = (rng.standard_normal(shape) * 0.1).astype(tensor["dtype"])
-        elif name == "input_ids":
-            feed[name] = rng.integers(5, manifest.config["vocab_size"], shape)
-        elif name == "position_ids":
-            feed[name] = np.broadcast_to(np.arange(past, past + shape[-1]), shape).copy()
-        else:  # masks of ones, token types of zeros
-            feed[name] = np.full(shape, int(name == "attention_mask"), dtype=np.int64)
-    return feed
+    return {"batch": 1, "sequence": 1 if graph == "decode" else min(TIMED_TOKENS, limits["sequence"][2]),
+            "past_sequence": past, "choices": limits.get("choices", [0, 0, 0])[1]}
 
 
 def milliseconds(backend: Backend, graph: str, feed: dict[str, np.ndarray]) -> float:
@@ -84,7 +69,7 @@ def fastest(manifest: Manifest, candidates: dict[str, Callable[[], Backend]], ch
     if remembered in candidates:
         return candidates[remembered]()
     graph = timed_graph(manifest)
-    feed = synthetic_feed(manifest, graph)
+    feed = feeds.feed(manifest, graph, timed_sizes(manifest, graph))
     timings = {}
     for name, open_backend in candidates.items():  # one at a time: a large model's copies may not fit twice
         timings[name] = milliseconds(open_backend(), graph, feed)

@@ -23,6 +23,7 @@ from tokenizers import Encoding, Tokenizer
 from . import backend_choice, openvino_backend, tasks, tensorrt_backend
 from .backends import Backend, OnnxRuntimeBackend
 from .errors import UserError
+from .feeds import INDEX_INPUTS
 from .files import Vanished
 from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
@@ -31,10 +32,6 @@ from .pinned import PinnedArtifact, find_manifest
 SESSION_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 MAX_CHARS = 100_000  # about 25,000 tokens: 200 windows of a 128-token qa artifact
 OPEN_ATTEMPTS = 5  # a publish that replaces the version being opened sends the reader to the new one
-# Integer inputs index tables (ONNX's Gather wraps a negative index around): each must lie in
-# [0, the config's size of its table).
-INDEX_INPUTS = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size",
-                "position_ids": "max_position_embeddings"}
 
 
 class Session:

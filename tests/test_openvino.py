@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_limits
 from exporter import checkpoints
 from exporter.build import BuildOptions, build
-from runtime import Session, UserError, backend_choice, openvino_backend
+from runtime import Session, UserError, backend_choice, feeds, openvino_backend
 from runtime.manifest import Manifest
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (the openvino extra)")
@@ -40,7 +40,7 @@ def test_every_encoder_head_equals_onnxruntime(built, head):
     openvino = Session(manifest, backend="openvino")
     onnxruntime = Session(manifest, backend="onnxruntime")
     assert (openvino.backend, openvino.precision) == ("openvino/CPU", "fp32")
-    feed = backend_choice.synthetic_feed(openvino.manifest, "model")
+    feed = feeds.feed(openvino.manifest, "model", backend_choice.timed_sizes(openvino.manifest, "model"))
     expected = onnxruntime.run(feed)
     actual = openvino.run(feed)
     assert set(actual) == set(expected)
@@ -71,7 +71,7 @@ def test_int8_runs_the_qdq_graph(built_int8, built, head):
         g["tensorrt_file"] for g in manifest.graphs.values()} and all(".qdq." in g["tensorrt_file"]
                                                                       for g in manifest.graphs.values())
     graph = "prefill" if head == "causal-lm" else "model"
-    feed = backend_choice.synthetic_feed(session.manifest, graph)
+    feed = feeds.feed(session.manifest, graph, backend_choice.timed_sizes(session.manifest, graph))
     fp32 = Session(built[head][0], backend="onnxruntime").run(feed, graph)
     for name, value in session.run(feed, graph).items():
         assert cosine(value, fp32[name]) > manifest.validation["tolerance"]["min_cosine"], name
@@ -106,14 +106,14 @@ def test_a_cpu_with_bf16_gets_a_bf16_form_judged_by_the_bf16_bounds(hf_checkpoin
 
 def test_threads_share_an_openvino_session(built):
     session = Session(built["qa"][0], backend="openvino")
-    feeds = []
+    inputs = []
     for n in range(8):
-        feed = backend_choice.synthetic_feed(session.manifest, "model")
+        feed = feeds.feed(session.manifest, "model", backend_choice.timed_sizes(session.manifest, "model"))
         feed["input_ids"] = (feed["input_ids"] + n) % session.manifest.config["vocab_size"]
-        feeds.append({k: v[:, :10 + n] for k, v in feed.items()})
-    expected = [session.run(feed) for feed in feeds]
+        inputs.append({k: v[:, :10 + n] for k, v in feed.items()})
+    expected = [session.run(feed) for feed in inputs]
     got: dict[int, dict] = {}
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, session.run(feeds[i % 8]))) for i in range(32)]
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, session.run(inputs[i % 8]))) for i in range(32)]
     for thread in threads:
         thread.start()
     for thread in threads:
