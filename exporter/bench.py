@@ -23,7 +23,8 @@ import onnxruntime as ort
 import torch
 
 from runtime import Session, feeds, openvino_backend, tensorrt_backend
-from runtime.machine import describe
+from runtime.backends import OnnxRuntimeBackend
+from runtime.machine import describe, timed
 from runtime.errors import UserError
 from runtime.evaluation import evaluate, read_examples
 from runtime.generation import Generator, SamplingOptions
@@ -78,18 +79,6 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(call: Callable[[], object], warmup: int, iterations: int) -> np.ndarray:
-    """Seconds per call, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        call()
-    times = np.empty(iterations)
-    for i in range(iterations):
-        start = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - start
-    return times
-
-
 def figures(artifact: str, precision: str, backend: str, batch: int, sequence: int, times: np.ndarray,
             tokens: int) -> Figures:
     p50, p90, p99 = (float(np.percentile(times * 1000, q)) for q in (50, 90, 99))
@@ -101,8 +90,7 @@ def figures(artifact: str, precision: str, backend: str, batch: int, sequence: i
 def sessions(path: Path) -> list[tuple[str, Callable[[], Session]]]:
     """Every way this machine can run the artifact: (label, opener)."""
     manifest = Manifest.load(find_manifest(path))
-    preferred = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-                 if p in ort.get_available_providers()]
+    preferred = [p for p in OnnxRuntimeBackend.PREFERENCE if p in ort.get_available_providers()]
     def onnxruntime(provider: str) -> Callable[[], Session]:
         chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         return lambda: Session(path, backend="onnxruntime", providers=chain)

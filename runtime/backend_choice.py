@@ -9,8 +9,6 @@ graphs, the CPU (name and flags) and the libraries' versions: another CPU or ver
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import onnxruntime
 from . import feeds, openvino_backend
 from .backends import Backend
 from .files import cache_root, write_atomically
-from .machine import cpu
+from .machine import cpu, timed
 from .manifest import Manifest
 
 TIMED_TOKENS = 128
@@ -42,14 +40,7 @@ def timed_sizes(manifest: Manifest, graph: str) -> dict[str, int]:
 
 
 def milliseconds(backend: Backend, graph: str, feed: dict[str, np.ndarray]) -> float:
-    for _ in range(WARMUP):
-        backend.run(graph, feed)
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        backend.run(graph, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return float(np.median(timed(lambda: backend.run(graph, feed), WARMUP, RUNS))) * 1000
 
 
 def choice_key(manifest: Manifest) -> str:

@@ -1,14 +1,18 @@
 """What this machine is, as every speed figure must say: the CPU by name, the instruction sets that
-decide speed here, cores and threads, and the backends it has (read once per process)."""
+decide speed here, cores and threads, and the backends it has (read once per process); and how a
+call is timed on it."""
 
 from __future__ import annotations
 
 import functools
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from . import openvino_backend, tensorrt_backend
@@ -42,3 +46,15 @@ def describe() -> dict[str, Any]:
             "platform": platform.platform(), "onnxruntime_providers": ort.get_available_providers(),
             "tensorrt": tensorrt_backend.usable() or "available",
             "openvino": openvino_backend.usable() or ("native bf16" if openvino_backend.native_bf16() else "no native bf16")}
+
+
+def timed(call: Callable[[], object], warmup: int, iterations: int) -> np.ndarray:
+    """Seconds per call, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        call()
+        times[i] = time.perf_counter() - start
+    return times

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.heads import HEADS as SPECS
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_VOCAB = Path(__file__).resolve().parent.parent / "exporter" / "demo" / "vocab.txt"
 
-HEADS = ["base", "mlm", "causal-lm", "nsp", "pretraining", "sequence-classification",
-         "multiple-choice", "token-classification", "qa"]
+HEADS = list(SPECS)  # every head the runtime declares
 
 HF_CLASSES = {
     "base": "MegatronBertModel",
