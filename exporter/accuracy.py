@@ -55,14 +55,8 @@ class Evaluation:
 
     def measure(self, form: str, manifest: Manifest, staging: Path, backend: Backend) -> Scores:
         """Score one form (through a Session on the staged artifact); the first is PyTorch's."""
-        manifest.validation = {"passed": True}  # a staged copy, only for this Session; replaced at the end
-        named = [manifest.tokenizer["file"], *(g[key] for g in manifest.graphs.values()
-                                                for key in ("file", "tensorrt_file") if key in g)]
-        manifest.record_files(staging, named)  # the schema wants every file it names listed
-        path = staging / f"{manifest.name}.json"
-        manifest.save(path)
         try:
-            scores, predicted = evaluate(Session(path, backend=backend), self.examples, self.reference)
+            scores, predicted = evaluate(Session.staged(manifest, staging, backend), self.examples, self.reference)
         except UserError as err:  # e.g. an example longer than the artifact's limits
             raise UserError(f"evaluation set {self.data}: {err} (pass --eval-data with examples that fit, "
                             "or --eval-data none)") from None

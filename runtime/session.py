@@ -24,9 +24,10 @@ from . import backend_choice, openvino_backend, tasks, tensorrt_backend
 from .backends import Backend, OnnxRuntimeBackend
 from .errors import UserError
 from .feeds import INDEX_INPUTS
-from .files import Vanished
+from .files import JSON_LIMIT, Vanished, read_regular
 from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
+from .manifest import Manifest
 from .pinned import PinnedArtifact, find_manifest
 
 SESSION_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
@@ -78,6 +79,22 @@ class Session:
             pinned.close()  # the backends hold what they loaded
         if precision is not None and not isinstance(self._backend, openvino_backend.OpenVinoBackend):
             raise UserError(f"precision={precision!r} is for the openvino backend (this session runs {self._backend.name})")
+        self._ready(tokenizer)
+
+    @classmethod
+    def staged(cls, manifest: Manifest, folder: Path, backend: Backend) -> Session:
+        """An artifact still being built, to measure it before it is validated and published: its manifest
+        as it stands, its tokenizer file in `folder`, its graphs run by `backend`. Production opens
+        published artifacts with Session(path), which checks every file."""
+        session = cls.__new__(cls)
+        session.max_chars = MAX_CHARS
+        session.manifest, session.directory, session.head = manifest, folder, HEADS[manifest.head]
+        session._backend = backend
+        session._ready(read_regular(folder / manifest.tokenizer["file"], JSON_LIMIT))
+        return session
+
+    def _ready(self, tokenizer: bytes) -> None:
+        """What every session holds beside its manifest and backend."""
         self.backend: str = self._backend.name
         self.precision: str = ("bf16" if self.manifest.precision != "int8"
                                and getattr(self._backend, "float_precision", None) == "bf16" else self.manifest.precision)

@@ -154,3 +154,19 @@ def test_no_runtime_module_imports_one_that_imports_it_back():
 
     circles = sorted(m for m in modules if reaches(m, m, {m}))
     assert not circles, f"import circles through {circles}"
+
+
+def test_a_staged_artifact_is_measured_without_a_verdict(built, tmp_path):
+    """The build measures forms through Session.staged: no validation verdict is needed (none is forged),
+    while Session(path) keeps refusing an artifact that has none."""
+    from runtime.backends import OnnxRuntimeBackend
+    from runtime.manifest import Manifest
+
+    path = copy_artifact(built["qa"][0], tmp_path / "staged")
+    manifest = Manifest.load(path)
+    manifest.validation = {}
+    session = Session.staged(manifest, path.parent, OnnxRuntimeBackend({"model": path.parent / "qa.onnx"}))
+    assert session.answer("who sat", "the cat sat on the mat")["answer"] in "the cat sat on the mat"
+    manifest.save(path)
+    with pytest.raises(UserError, match="failed validation"):
+        Session(path)
