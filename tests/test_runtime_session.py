@@ -167,6 +167,7 @@ def test_a_staged_artifact_is_measured_without_a_verdict(built, tmp_path):
     manifest.validation = {}
     session = Session.staged(manifest, path.parent, OnnxRuntimeBackend({"model": path.parent / "qa.onnx"}))
     assert session.answer("who sat", "the cat sat on the mat")["answer"] in "the cat sat on the mat"
+    manifest.validation = {"passed": False}
     manifest.save(path)
     with pytest.raises(UserError, match="failed validation"):
         Session(path)
