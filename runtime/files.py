@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,17 @@ def read_regular(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes."""
     fd = open_regular(path)
     try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise UserError(f"{path}: {size} bytes, more than the {limit} such a file may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)[:limit]
+        return read_fd(fd, path, limit)
     finally:
         os.close(fd)
+
+
+def read_fd(fd: int, path: Path, limit: int | None = None) -> bytes:
+    """What an open regular file holds, refused if over `limit` bytes (`path` names it in errors)."""
+    size = os.fstat(fd).st_size
+    if limit is not None and size > limit:
+        raise UserError(f"{path}: {size} bytes, more than the {limit} such a file may have")
+    return b"".join(_chunks(fd))
 
 
 def cache_root() -> Path:
@@ -133,8 +138,14 @@ def fd_sha256(fd: int) -> str:
 
 
 def _digest_fd(fd: int, digest: Any) -> None:
+    for chunk in _chunks(fd):
+        digest.update(chunk)
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    """An open file's bytes from its start, in pieces (its offset untouched: others may share it)."""
     offset = 0
     while chunk := os.pread(fd, 1 << 24, offset):
-        digest.update(chunk)
+        yield chunk
         offset += len(chunk)
 

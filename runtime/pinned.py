@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import signatures
 from .errors import UserError
-from .files import JSON_LIMIT, Vanished, cache_root, fd_sha256, open_regular
+from .files import JSON_LIMIT, Vanished, cache_root, fd_sha256, open_regular, read_fd
 from .manifest import Manifest
 
 FD_FOLDER = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
@@ -128,11 +128,7 @@ class PinnedArtifact:
         return self.folder / name
 
     def read(self, name: str, limit: int | None = None) -> bytes:
-        fd = self._pin(name)
-        size = os.fstat(fd).st_size
-        if limit is not None and size > limit:
-            raise UserError(f"{self.directory / name}: {size} bytes, more than the {limit} such a file may have")
-        return os.pread(fd, size, 0)
+        return read_fd(self._pin(name), self.directory / name, limit)
 
     def copies(self, names: Collection[str]) -> Path:
         """A private folder of real copies of `names`, made through the pinned descriptors, for a library
