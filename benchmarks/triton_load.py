@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime import Session  # noqa: E402
+from exporter.serve import free_port  # noqa: E402
 from runtime.machine import describe  # noqa: E402
 
 
 MODES = ("in-process", "batching", "no-batching")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def drive(clients: int, total: int, call: Callable[[], np.ndarray], expected: np.ndarray) -> dict:

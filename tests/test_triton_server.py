@@ -27,6 +27,7 @@ import pytest
 
 from conftest import assert_same_result
 from exporter.cli import main
+from exporter.serve import free_port
 from runtime import Session
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -39,12 +40,6 @@ SERVE_AS_INSTALLED = ("import sys\nfor m in ('torch', 'onnx', 'onnxscript', 'onn
                       "    sys.modules[m] = None\nfrom exporter.cli import main\nsys.exit(main(['serve', *sys.argv[1:]]))")
 SHORT = "Engineers from the town built it."  # fits the raw models' 48 tokens
 CONTEXT = "The bridge over the river was built by engineers from the town in the year 1850. " * 4  # windows
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:
