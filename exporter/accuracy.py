@@ -21,9 +21,9 @@ from runtime.files import sha256_of
 from runtime.manifest import Manifest
 from runtime.session import Session
 
-from .model import HeadModel
-from .onnx_export import reference_outputs
-from .recipes import Recipe
+from exporter.model.megatron_bert import HeadModel
+from exporter.onnx_export import reference_outputs
+from exporter.recipes import Recipe
 
 REFERENCE = "pytorch fp32"
 

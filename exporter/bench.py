@@ -31,13 +31,13 @@ from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
 from runtime.pinned import find_manifest
 
-from . import checkpoints
-from .accuracy import TorchBackend
-from .build import versions
-from .config import MegatronBertConfig
-from .model import HeadModel
-from .onnx_export import reference_outputs
-from .validate import compare
+from exporter import checkpoints
+from exporter.accuracy import TorchBackend
+from exporter.build import versions
+from exporter.model.config import MegatronBertConfig
+from exporter.model.megatron_bert import HeadModel
+from exporter.onnx_export import reference_outputs
+from exporter.validate import compare
 
 
 @dataclass

@@ -43,21 +43,21 @@ from runtime.pinned import FORM_SUFFIXES
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
-from . import calibration, checkpoints, demo
-from .accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
-from .checkpoints import LoadedModel
-from .config import MegatronBertConfig
-from .onnx_export import export_graph, written
-from .precision import to_fp16
-from .quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
-from .errors import ValidationFailed
-from .publish import publish, staging_folder
-from .recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
-from .options import BuildOptions
-from .tensorrt_engine import build_engine, profile_shapes
-from .tensorrt_support import TABLE as TENSORRT_TABLE
-from .tensorrt_support import graph_problems, load_structure, profile_problems
-from .validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
+from exporter import calibration, checkpoints, demo
+from exporter.accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
+from exporter.checkpoints import LoadedModel
+from exporter.model.config import MegatronBertConfig
+from exporter.onnx_export import export_graph, written
+from exporter.precision import to_fp16
+from exporter.quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
+from exporter.errors import ValidationFailed
+from exporter.publish import publish, staging_folder
+from exporter.recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
+from exporter.options import BuildOptions
+from exporter.tensorrt_engine import build_engine, profile_shapes
+from exporter.tensorrt_support import TABLE as TENSORRT_TABLE
+from exporter.tensorrt_support import graph_problems, load_structure, profile_problems
+from exporter.validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
 
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
 

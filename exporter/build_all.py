@@ -20,9 +20,9 @@ from runtime.heads import HEADS
 from runtime.manifest import Manifest
 from runtime.pinned import verify
 
-from . import demo
-from .build import BuildOptions, Log, ValidationFailed, build, versions
-from .recipes import PRECISIONS, RECIPES_DIR, load_recipe
+from exporter import demo
+from exporter.build import BuildOptions, Log, ValidationFailed, build, versions
+from exporter.recipes import PRECISIONS, RECIPES_DIR, load_recipe
 
 
 def recipe_files(recipes: Path, heads: list[str] | None) -> dict[str, Path]:

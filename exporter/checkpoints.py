@@ -33,9 +33,9 @@ from torch import Tensor
 from runtime.errors import UserError
 from runtime.files import read_json, sha256_of
 
-from . import megatron_parallel
-from .config import MegatronBertConfig
-from .model import HeadModel, build_head, init_weights
+from exporter import megatron_parallel
+from exporter.model.config import MegatronBertConfig
+from exporter.model.megatron_bert import HeadModel, build_head, init_weights
 
 StateDict = dict[str, Tensor]
 

@@ -16,14 +16,14 @@ from typing import NoReturn
 from runtime.errors import UserError
 from runtime.heads import HEADS
 
-from .errors import ValidationFailed
-from .http_guard import MAX_REQUEST_BYTES
-from .interrupts import exit_at_once
-from .recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
-from .flags import add_arguments
-from .options import BuildOptions, from_arguments
-from .tensorrt_engine import EngineOptions
-from .triton import QUEUE_DELAY_US
+from exporter.errors import ValidationFailed
+from exporter.http_guard import MAX_REQUEST_BYTES
+from exporter.interrupts import exit_at_once
+from exporter.recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
+from exporter.flags import add_arguments
+from exporter.options import BuildOptions, from_arguments
+from exporter.tensorrt_engine import EngineOptions
+from exporter.triton import QUEUE_DELAY_US
 
 
 class Parser(argparse.ArgumentParser):
@@ -179,7 +179,7 @@ def sizes(text: str) -> list[int]:
 
 def benchmark(args: argparse.Namespace) -> None:
     with exit_at_once():
-        from . import bench
+        from exporter import bench
 
     if args.iterations < 1 or args.warmup < 0 or args.new_tokens < 1:
         raise UserError("--iterations and --new-tokens must be at least 1, --warmup at least 0")
@@ -255,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "build-all":
             with exit_at_once():
-                from .build_all import build_all
+                from exporter.build_all import build_all
 
             return 0 if build_all(args.recipes, args.heads, args.precisions, args.out, args.backend, print) else 1
         if args.command == "triton":
-            from .triton import RepositoryOptions, write_repository
+            from exporter.triton import RepositoryOptions, write_repository
 
             models = write_repository(args.artifacts, args.out, RepositoryOptions(
                 device=args.device, with_tokenizer=args.with_tokenizer, python_backend=args.python_backend,
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {', '.join(models)}")
             return 0
         if args.command == "serve":
-            from .serve import ServeOptions, serve
+            from exporter.serve import ServeOptions, serve
 
             for port, flag in ((args.port, "--port"), (args.grpc_port, "--grpc-port")):
                 if not 0 < port < 65536:
@@ -281,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
             sign_artifacts(args.artifacts, args.key, args.password_env)
             return 0
         if args.command == "verify":
-            from .verify import report
+            from exporter.verify import report
 
             text, good = report(args.target, args.public_key)
             print(text)
             return 0 if good else 1
         with exit_at_once():
-            from .build import build  # torch and onnx: only the commands that build import them
+            from exporter.build import build  # torch and onnx: only the commands that build import them
 
         build(from_arguments(args))
     except UserError as err:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import LoadedModel, random_model
-from .config import MegatronBertConfig
+from exporter.checkpoints import LoadedModel, random_model
+from exporter.model.config import MegatronBertConfig
 
 DIRECTORY = Path(__file__).resolve().parent / "demo"
 VOCAB = DIRECTORY / "vocab.txt"  # demo-random's: 1000 WordPiece tokens, lower-cased

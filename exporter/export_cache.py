@@ -30,7 +30,7 @@ import torch
 from runtime.files import cache_root
 from runtime.heads import HeadSpec
 
-from .config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 
 DEFAULT_BOUND = 2 << 30
 SOURCES = ("model.py", "onnx_export.py", "samples.py", "config.py", "export_cache.py")

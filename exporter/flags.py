@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from .recipes import RECIPES_DIR
+from exporter.recipes import RECIPES_DIR
 
 
 @dataclass(frozen=True)

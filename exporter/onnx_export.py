@@ -21,10 +21,10 @@ from torch.export import Dim
 
 from runtime.heads import DYNAMIC_AXES, HeadSpec, TensorSpec, expand
 
-from . import export_cache
-from .config import MegatronBertConfig
-from .model import ForCausalLM, HeadModel
-from .samples import synthetic_inputs
+from exporter import export_cache
+from exporter.model.config import MegatronBertConfig
+from exporter.model.megatron_bert import ForCausalLM, HeadModel
+from exporter.model.samples import synthetic_inputs
 
 OPSET = 20  # LayerNormalization (17) and Gelu (20) stay single ops, which TensorRT maps to fused layers
 # Tracing sizes: all different (so torch.export cannot conclude two axes are one) and above 1

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from runtime.heads import HEADS
 
-from .flags import option
-from .recipes import BUILD_BACKENDS, CALIBRATION_METHODS, PRECISIONS
-from .tensorrt_engine import EngineOptions
+from exporter.flags import option
+from exporter.recipes import BUILD_BACKENDS, CALIBRATION_METHODS, PRECISIONS
+from exporter.tensorrt_engine import EngineOptions
 
 
 @dataclass

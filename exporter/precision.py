@@ -14,8 +14,8 @@ import onnx
 import onnx_ir
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from . import onnx_export
-from .onnx_export import check_graph, written
+from exporter import onnx_export
+from exporter.onnx_export import check_graph, written
 
 FP32_OPS = ["LayerNormalization", "Softmax"]
 

@@ -36,9 +36,9 @@ from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, 
 
 from runtime.errors import UserError
 
-from . import onnx_export
-from .onnx_export import check_graph, written
-from .recipes import CALIBRATION_METHODS
+from exporter import onnx_export
+from exporter.onnx_export import check_graph, written
+from exporter.recipes import CALIBRATION_METHODS
 
 METHODS = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
                                           CalibrationMethod.Percentile)))

@@ -16,7 +16,7 @@ from runtime.errors import UserError
 from runtime.manifest_schema import PRECISIONS  # noqa: F401 - the build's choices are the manifest's
 from runtime.heads import DYNAMIC_AXES, HEADS, HeadSpec
 
-from .config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A build's choices, known without importing the libraries that build (so `verify` needs only the runtime).

@@ -43,8 +43,8 @@ from runtime.heads import HEADS, parse_field
 from runtime.manifest import Manifest
 from runtime.pinned import find_manifest
 
-from .http_guard import MAX_REQUEST_BYTES, Guard
-from .triton import QUEUE_DELAY_US, RepositoryOptions, write_repository
+from exporter.http_guard import MAX_REQUEST_BYTES, Guard
+from exporter.triton import QUEUE_DELAY_US, RepositoryOptions, write_repository
 
 INSTALL_HINT = "pip install 'megatron-deploy[serve]' (nvidia-pytriton's tritonserver)"
 EXIT_TIMEOUT_S = 30  # how long in-flight requests get to finish on stop

@@ -18,7 +18,7 @@ from typing import Any
 from runtime import tensorrt_backend
 from runtime.heads import TensorSpec
 
-from .flags import option
+from exporter.flags import option
 
 STRONGLY_TYPED_SINCE = (10, 12)
 HARDWARE_COMPATIBILITY = ("none", "ampere+", "same-compute-capability")

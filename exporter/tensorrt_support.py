@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .tensorrt_engine import Shapes
+from exporter.tensorrt_engine import Shapes
 
 TABLE = json.loads((Path(__file__).parent / "data" / "tensorrt_onnx_operators.json").read_text())
 TYPE_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",

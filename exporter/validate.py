@@ -19,10 +19,10 @@ import torch
 
 from runtime.heads import HeadSpec, expand
 
-from .config import MegatronBertConfig
-from .model import HeadModel
-from .onnx_export import reference_outputs
-from .samples import synthetic_inputs
+from exporter.model.config import MegatronBertConfig
+from exporter.model.megatron_bert import HeadModel
+from exporter.onnx_export import reference_outputs
+from exporter.model.samples import synthetic_inputs
 
 ODD_SIZES = {"batch": 3, "choices": 3, "sequence": 37, "past_sequence": 23}
 MAX_SPAN = 30

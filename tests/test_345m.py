@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exporter import checkpoints
-from exporter.config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 from tests.conftest import hf_outputs, padded_batch
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exporter import checkpoints
-from exporter.config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 from runtime.errors import UserError
 from tests.conftest import CONFIGS, save_hf
 

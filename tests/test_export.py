@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from conftest import CONFIGS, HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
 from exporter.checkpoints import random_model
-from exporter.config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 from exporter.onnx_export import export_graph
 from runtime.heads import HEADS as SPECS
 from runtime.manifest import Manifest

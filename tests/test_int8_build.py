@@ -18,7 +18,7 @@ from exporter.build import BuildOptions, ValidationFailed, build, report_sensiti
 from exporter.cli import main
 from exporter.quantize import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
                                qdq_int8, quantization_noise, to_int8_dynamic, to_int8_qdq)
-from exporter.samples import synthetic_inputs
+from exporter.model.samples import synthetic_inputs
 from exporter.tensorrt_support import graph_problems
 from runtime import Session, UserError, tensorrt_backend
 from runtime.heads import HEADS, expand
@@ -184,7 +184,7 @@ def test_calibration_measures_what_onnxruntimes_calibrators_do(built, tmp_path, 
 
 def graph_feeds(manifest: Manifest, graph: str, count: int) -> list[dict[str, np.ndarray]]:
     """`count` padded inputs of one of an artifact's graphs (a causal LM decode step's with a past)."""
-    from exporter.config import MegatronBertConfig
+    from exporter.model.config import MegatronBertConfig
 
     spec, config = HEADS[manifest.head], MegatronBertConfig.from_hf_dict(manifest.config)
     sizes = {"batch": 2, "sequence": 9, "choices": 3, "past_sequence": 4, "total_sequence": 13}

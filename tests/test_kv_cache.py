@@ -3,7 +3,7 @@
 import torch
 
 from exporter import checkpoints
-from exporter.config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 from tests.conftest import CONFIGS
 
 

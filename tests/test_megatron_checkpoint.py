@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporter import checkpoints
-from exporter.config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 from tests.conftest import CONFIGS, hf_outputs, our_outputs, padded_batch, save_hf
 
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from exporter import checkpoints
-from exporter.config import MegatronBertConfig
-from exporter.model import ACTIVATIONS, HEAD_MODELS
+from exporter.model.config import MegatronBertConfig
+from exporter.model.megatron_bert import ACTIVATIONS, HEAD_MODELS
 from tests.conftest import CONFIGS, HEADS, head_inputs, hf_outputs, our_outputs, padded_batch, save_hf
 
 TOLERANCE = 1e-5
@@ -33,7 +33,7 @@ def test_head_matches_transformers(head, config_name, tmp_path):
 
 
 def test_every_head_and_activation_has_an_implementation():
-    from exporter.config import ACTIVATIONS as NAMES
+    from exporter.model.config import ACTIVATIONS as NAMES
 
     assert set(HEAD_MODELS) == set(HEADS)
     assert set(NAMES) == set(ACTIVATIONS)

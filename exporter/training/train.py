@@ -37,8 +37,8 @@ from torch import Tensor
 
 from runtime.tokenizer import load_tokenizer
 
-from ..config import MegatronBertConfig
-from ..model import HeadModel, PreTrainingHeads, build_head, init_weights
+from exporter.model.config import MegatronBertConfig
+from exporter.model.megatron_bert import HeadModel, PreTrainingHeads, build_head, init_weights
 from .world import HELD_OUT_NAMES, TRAIN_NAMES, World
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from runtime.heads import TensorSpec
 
-from .config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 
 
 def padding_mask(rows: int, length: int, padding_side: str, max_pads: int) -> Tensor:

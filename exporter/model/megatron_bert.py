@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MegatronBertConfig
+from exporter.model.config import MegatronBertConfig
 
 KVCache = list[tuple[Tensor, Tensor]]
 
