@@ -31,7 +31,7 @@ from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
 from runtime.pinned import find_manifest
 
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.accuracy import TorchBackend
 from exporter.build import versions
 from exporter.model.config import MegatronBertConfig

@@ -43,9 +43,10 @@ from runtime.pinned import FORM_SUFFIXES
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
-from exporter import calibration, checkpoints, demo
+from exporter import calibration
+from exporter.sources import checkpoints, demo
 from exporter.accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
-from exporter.checkpoints import LoadedModel
+from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.onnx_export import export_graph, written
 from exporter.precision import to_fp16

@@ -20,7 +20,7 @@ from runtime.heads import HEADS
 from runtime.manifest import Manifest
 from runtime.pinned import verify
 
-from exporter import demo
+from exporter.sources import demo
 from exporter.build import BuildOptions, Log, ValidationFailed, build, versions
 from exporter.recipes import PRECISIONS, RECIPES_DIR, load_recipe
 

@@ -203,7 +203,7 @@ def torch_backend(checkpoint, head: str):
     """The reference PyTorch head of a checkpoint behind a Session, so a helper's logic can be fed the
     reference outputs instead of ONNX Runtime's."""
     from exporter.accuracy import TorchBackend
-    from exporter.checkpoints import load
+    from exporter.sources.checkpoints import load
 
     return TorchBackend(load(head, checkpoint).model)
 

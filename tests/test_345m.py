@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.model.config import MegatronBertConfig
 from tests.conftest import hf_outputs, padded_batch
 

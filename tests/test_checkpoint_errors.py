@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.model.config import MegatronBertConfig
 from runtime.errors import UserError
 from tests.conftest import CONFIGS, save_hf

@@ -49,7 +49,7 @@ def test_readme_main_command_builds_the_demo_qa_artifact(tmp_path):
     assert "task accuracy (qa.jsonl)" in result.stdout and "exact_match" in result.stdout  # the metric decides fp16
     manifest = Manifest.load(tmp_path / "qa.json")
     assert (manifest.head, manifest.precision, manifest.validation["passed"]) == ("qa", "fp16", True)
-    assert manifest.accuracy["passed"] and manifest.source["checkpoint"].endswith("exporter/demo/qa")
+    assert manifest.accuracy["passed"] and manifest.source["checkpoint"].endswith("exporter/sources/demo/qa")
     assert sorted(visible(tmp_path)) == ["qa.json", "qa.onnx", "qa.tokenizer.json"]
 
 
@@ -75,7 +75,7 @@ def test_help_names_every_option():
     (["--head", "qa", "--checkpoint", "/no/such/checkpoint"], ["/no/such/checkpoint"]),
     (["--head", "qa", "--max-sequence", "1000"], ["max_position_embeddings", "128"]),
     (["--head", "qa", "--max-choices", "4"], ["no choices axis"]),
-    (["--head", "qa", "--checkpoint", "exporter/demo/base"], ["no weights for this head", "--allow-random-head"]),
+    (["--head", "qa", "--checkpoint", "exporter/sources/demo/base"], ["no weights for this head", "--allow-random-head"]),
     (["--head", "qa", "--checkpoint", "demo-random", "--config", "x.json"], ["--config", "has none"]),
     (["--head", "qa", "--config", "/no/such/config.json"], ["/no/such/config.json", "no such config"]),
     (["--head", "qa", "--precision", "int8", "--keep-float", "nothing.*"], ["--keep-float", "matches no quantized layer"]),

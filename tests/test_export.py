@@ -12,7 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from conftest import CONFIGS, HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
-from exporter.checkpoints import random_model
+from exporter.sources.checkpoints import random_model
 from exporter.model.config import MegatronBertConfig
 from exporter.onnx_export import export_graph
 from runtime.heads import HEADS as SPECS

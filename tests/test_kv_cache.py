@@ -2,7 +2,7 @@
 
 import torch
 
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.model.config import MegatronBertConfig
 from tests.conftest import CONFIGS
 

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.model.config import MegatronBertConfig
 from tests.conftest import CONFIGS, hf_outputs, our_outputs, padded_batch, save_hf
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_onnx, save_hf
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.cli import main
 from runtime.manifest import Manifest
 from tests.test_megatron_checkpoint import megatron_state

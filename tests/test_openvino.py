@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_limits
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.build import BuildOptions, build
 from runtime import Session, UserError, backend_choice, feeds, openvino_backend
 from runtime.manifest import Manifest

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter import checkpoints
+from exporter.sources import checkpoints
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import ACTIVATIONS, HEAD_MODELS
 from tests.conftest import CONFIGS, HEADS, head_inputs, hf_outputs, our_outputs, padded_batch, save_hf

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from exporter.build import BuildOptions, ValidationFailed, build
 from exporter.build_all import build_all
 from exporter.cli import main
-from exporter.demo import DIRECTORY, TRAINED
+from exporter.sources.demo import DIRECTORY, TRAINED
 from exporter.recipes import RECIPES_DIR
-from exporter.training.world import CITIES
+from exporter.sources.training.world import CITIES
 from runtime import Session, UserError
 from runtime.evaluation import METRICS, evaluate, read_examples
 from runtime.manifest import Manifest

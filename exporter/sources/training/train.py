@@ -1,6 +1,6 @@
-"""Train the demo checkpoints from scratch: `python -m exporter.training [--out DIR] [--quick]`.
+"""Train the demo checkpoints from scratch: `python -m exporter.sources.training [--out DIR] [--quick]`.
 
-1. The WordPiece vocabulary (exporter/training/vocab.txt) was trained with `tokenizers` on the
+1. The WordPiece vocabulary (exporter/sources/training/vocab.txt) was trained with `tokenizers` on the
    generated world's text and `recipes/data/corpus.txt`; `--new-vocabulary` trains it anew.
 2. A small MegatronBERT is pretrained with masked LM + next-sentence prediction (the `pretraining`
    checkpoint, which also serves the mlm and nsp heads).
@@ -41,7 +41,7 @@ from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel, PreTrainingHeads, build_head, init_weights
 from .world import HELD_OUT_NAMES, TRAIN_NAMES, World
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CORPUS = ROOT / "recipes" / "data" / "corpus.txt"
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DATA_DIR = ROOT / "recipes" / "data"
@@ -375,7 +375,7 @@ def run(out: Path, data_dir: Path, vocab: Path, new_vocabulary: bool, quick: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.training", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m exporter.sources.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="where the checkpoints go (default: %(default)s)")
     parser.add_argument("--data", type=Path, default=DATA_DIR,
                         help="where eval/ and calibration/ sets go (default: %(default)s)")

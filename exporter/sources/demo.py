@@ -1,18 +1,18 @@
 """The built-in demo checkpoints, so that every command runs on a fresh machine without downloading anything.
 
-- `demo` (the default): small MegatronBERTs trained here from scratch by `python -m exporter.training`
+- `demo` (the default): small MegatronBERTs trained here from scratch by `python -m exporter.sources.training`
   on a generated world of facts (people, places, dates, quantities), shipped as ordinary Hugging Face
-  directories under exporter/demo/. They really answer questions, tag entities, classify sentiment and
+  directories under exporter/sources/demo/. They really answer questions, tag entities, classify sentiment and
   continue text, so fp16 and int8 are judged by task accuracy on held-out evaluation sets.
 - `demo-random`: the same small shape with seeded random weights and the 1000-token vocabulary
-  exporter/demo/vocab.txt; its outputs are meaningless (for speed and plumbing tests only).
+  exporter/sources/demo/vocab.txt; its outputs are meaningless (for speed and plumbing tests only).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.checkpoints import LoadedModel, random_model
+from exporter.sources.checkpoints import LoadedModel, random_model
 from exporter.model.config import MegatronBertConfig
 
 DIRECTORY = Path(__file__).resolve().parent / "demo"

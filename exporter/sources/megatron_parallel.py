@@ -10,7 +10,7 @@ or `mp_rank_TT_PPP/` with pipeline stages PPP. Tensor parallelism splits
 - the vocabulary: the word embeddings (and the last stage's copy for the LM head) and the LM head's bias;
 and keeps everything else whole on every rank, so those must be equal. Pipeline stages hold consecutive
 layers, each stage numbering its own from 0. The functions here see flat Megatron state dicts and folder
-names; reading the files (rank by rank) is exporter.checkpoints'. Their errors name the rank or tensor;
+names; reading the files (rank by rank) is exporter.sources.checkpoints'. Their errors name the rank or tensor;
 the caller names the checkpoint.
 """
 

@@ -5,7 +5,7 @@ Three sources, one result (a `LoadedModel`):
   index, or pytorch_model.bin, read without running pickled code);
 - a Megatron-LM checkpoint: NVIDIA's NGC release (the .zip with release/mp_rank_00/model_optim_rng.pt),
   that .pt itself, or a checkpoint folder or .zip of any tensor and pipeline parallelism (its ranks
-  merged by exporter.megatron_parallel); its names are mapped onto Hugging Face's by the tables below;
+  merged by exporter.sources.megatron_parallel); its names are mapped onto Hugging Face's by the tables below;
 - a seeded random initialization of any config.
 """
 
@@ -33,7 +33,7 @@ from torch import Tensor
 from runtime.errors import UserError
 from runtime.files import read_json, sha256_of
 
-from exporter import megatron_parallel
+from exporter.sources import megatron_parallel
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel, build_head, init_weights
 
