@@ -22,7 +22,7 @@ from runtime.manifest import Manifest
 from runtime.session import Session
 
 from exporter.model.megatron_bert import HeadModel
-from exporter.onnx_export import reference_outputs
+from exporter.export.to_onnx import reference_outputs
 from exporter.recipes import Recipe
 
 REFERENCE = "pytorch fp32"

@@ -36,7 +36,7 @@ from exporter.accuracy import TorchBackend
 from exporter.build import versions
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel
-from exporter.onnx_export import reference_outputs
+from exporter.export.to_onnx import reference_outputs
 from exporter.validate import compare
 
 

@@ -48,7 +48,7 @@ from exporter.sources import checkpoints, demo
 from exporter.accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
-from exporter.onnx_export import export_graph, written
+from exporter.export.to_onnx import export_graph, written
 from exporter.precision import to_fp16
 from exporter.quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
 from exporter.errors import ValidationFailed

@@ -14,8 +14,8 @@ import onnx
 import onnx_ir
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from exporter import onnx_export
-from exporter.onnx_export import check_graph, written
+from exporter.export import to_onnx
+from exporter.export.to_onnx import check_graph, written
 
 FP32_OPS = ["LayerNormalization", "Softmax"]
 
@@ -30,7 +30,7 @@ def to_fp16(source: Path, target: Path) -> list[Path]:
     ir_model = onnx_ir.from_proto(model)
     ir_model.graph.sort()
     model = onnx_ir.to_proto(ir_model)
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > onnx_export.EXTERNAL_DATA_OVER
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > to_onnx.EXTERNAL_DATA_OVER
     onnx.save(model, str(target), save_as_external_data=large, location=f"{target.name}.data")
     check_graph(target)
     return written(target)

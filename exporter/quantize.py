@@ -36,8 +36,8 @@ from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, 
 
 from runtime.errors import UserError
 
-from exporter import onnx_export
-from exporter.onnx_export import check_graph, written
+from exporter.export import to_onnx
+from exporter.export.to_onnx import check_graph, written
 from exporter.recipes import CALIBRATION_METHODS
 
 METHODS = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
@@ -122,7 +122,7 @@ class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships n
 
 
 def _large(path: Path) -> bool:
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > onnx_export.EXTERNAL_DATA_OVER
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > to_onnx.EXTERNAL_DATA_OVER
 
 
 # ONNX Runtime's calibrators' settings for the histogram methods (create_calibrator's defaults)

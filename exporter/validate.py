@@ -21,7 +21,7 @@ from runtime.heads import HeadSpec, expand
 
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel
-from exporter.onnx_export import reference_outputs
+from exporter.export.to_onnx import reference_outputs
 from exporter.model.samples import synthetic_inputs
 
 ODD_SIZES = {"batch": 3, "choices": 3, "sequence": 37, "past_sequence": 23}

@@ -47,11 +47,11 @@ def test_a_failing_recipe_fails_the_run_but_not_the_others(tmp_path, capsys):
 
 
 def test_each_heads_graphs_are_exported_once_for_all_precisions(tmp_path, monkeypatch):
-    from exporter import onnx_export
+    from exporter.export import to_onnx
 
     monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))  # nothing kept from other tests
     exports: list[str] = []
-    real = onnx_export._export
+    real = to_onnx._export
     monkeypatch.setattr(onnx_export, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
                         or real(model, spec, graph, config, path))
     assert main(["build-all", "--recipes", str(recipes(tmp_path / "recipes")), "--precisions", "fp32,fp16,int8",

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from conftest import CONFIGS, HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
 from exporter.sources.checkpoints import random_model
 from exporter.model.config import MegatronBertConfig
-from exporter.onnx_export import export_graph
+from exporter.export.to_onnx import export_graph
 from runtime.heads import HEADS as SPECS
 from runtime.manifest import Manifest
 
@@ -90,11 +90,11 @@ def test_export_keeps_no_alias_of_the_weights(tmp_path):
 def test_an_export_is_reused_only_for_the_same_weights_config_and_graph(tmp_path, monkeypatch):
     """The export cache: the same weights, config and graph are exported once (the second build copies
     the graph, byte for byte); another weight or config exports again; a bound of 0 turns it off."""
-    from exporter import onnx_export
+    from exporter.export import to_onnx
 
     monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))
     exports: list[str] = []
-    real = onnx_export._export
+    real = to_onnx._export
     monkeypatch.setattr(onnx_export, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
                         or real(model, spec, graph, config, path))
     config = MegatronBertConfig.from_hf_dict({**CONFIGS["tiny"], "num_labels": 2})

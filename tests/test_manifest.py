@@ -77,7 +77,7 @@ def test_tampered_file_and_newer_format_are_refused(built, tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_large_models_use_external_data(tmp_path, monkeypatch, precision):
     """Past 256 MiB the weights go to NAME.onnx.data; shrink the threshold to prove it on a small model."""
-    monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_OVER", 0)
+    monkeypatch.setattr("exporter.export.to_onnx.EXTERNAL_DATA_OVER", 0)
     path = build(BuildOptions(head="base", precision=precision, out=tmp_path, max_batch=2, max_sequence=16,
                               eval_data="none"),
                  log=lambda message: None)
@@ -98,7 +98,7 @@ def test_large_models_use_external_data(tmp_path, monkeypatch, precision):
 def test_every_published_file_has_the_mode_the_umask_gives(tmp_path, monkeypatch, precision):
     """Whichever library wrote a file (ONNX Runtime's quantizer writes its external data private), a
     server running as another user can read the artifact. External data forced on; umask 027 -> 0640."""
-    monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_OVER", 0)
+    monkeypatch.setattr("exporter.export.to_onnx.EXTERNAL_DATA_OVER", 0)
     old = os.umask(0o027)
     try:
         path = build(BuildOptions(head="base", precision=precision, checkpoint="demo-random", out=tmp_path,

@@ -33,7 +33,7 @@ from runtime.heads import HeadSpec
 from exporter.model.config import MegatronBertConfig
 
 DEFAULT_BOUND = 2 << 30
-SOURCES = ("model.py", "onnx_export.py", "samples.py", "config.py", "export_cache.py")
+SOURCES = ("model/megatron_bert.py", "model/samples.py", "model/config.py", "export/to_onnx.py", "export/cache.py")
 
 
 def bound() -> int:
@@ -45,7 +45,7 @@ def key(model: torch.nn.Module, spec: HeadSpec, graph: str, config: MegatronBert
         file_name: str | None) -> str:
     """What the graph is made from, as one digest. `file_name`: where it matters (external data)."""
     digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # exporter/
     for source in SOURCES:
         digest.update((here / source).read_bytes())
     described = {"head": type(model).__name__, "graph": graph, "declared": repr(spec.graphs[graph]),

@@ -21,7 +21,7 @@ from torch.export import Dim
 
 from runtime.heads import DYNAMIC_AXES, HeadSpec, TensorSpec, expand
 
-from exporter import export_cache
+from exporter.export import cache
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import ForCausalLM, HeadModel
 from exporter.model.samples import synthetic_inputs
@@ -73,11 +73,11 @@ def export_graph(model: HeadModel, spec: HeadSpec, graph: str, config: MegatronB
     """Write one graph of `spec` to `path` (plus external data if large); returns the files written. An
     export of the same weights, config, graph and code is taken from the export cache."""
     size = weight_bytes(model)
-    if size > export_cache.bound():  # could not be kept: no key worth computing
+    if size > cache.bound():  # could not be kept: no key worth computing
         return _export(model, spec, graph, config, path)
     settings = {"opset": OPSET, "sizes": EXPORT_SIZES, "external_over": EXTERNAL_DATA_OVER}
-    entry = export_cache.key(model, spec, graph, config, settings, path.name if size > EXTERNAL_DATA_OVER else None)
-    return export_cache.exported(entry, path, lambda target: _export(model, spec, graph, config, target))
+    entry = cache.key(model, spec, graph, config, settings, path.name if size > EXTERNAL_DATA_OVER else None)
+    return cache.exported(entry, path, lambda target: _export(model, spec, graph, config, target))
 
 
 def _export(model: HeadModel, spec: HeadSpec, graph: str, config: MegatronBertConfig, path: Path) -> list[Path]:
