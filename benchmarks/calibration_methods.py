@@ -17,7 +17,7 @@ from pathlib import Path
 
 from exporter.bench import machine
 from exporter.build import BuildOptions, ValidationFailed, build
-from exporter.quantize import METHODS
+from exporter.precision.int8 import METHODS
 from runtime.heads import HEADS
 from runtime.manifest import Manifest
 

@@ -43,14 +43,14 @@ from runtime.pinned import FORM_SUFFIXES
 from runtime.tensorrt_backend import TensorRTBackend
 from runtime.tokenizer import load_tokenizer
 
-from exporter import calibration
+from exporter.precision import calibration
 from exporter.sources import checkpoints, demo
 from exporter.accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.export.to_onnx import export_graph, written
-from exporter.precision import to_fp16
-from exporter.quantize import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
+from exporter.precision.fp16 import to_fp16
+from exporter.precision.int8 import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
 from exporter.errors import ValidationFailed
 from exporter.publish import publish, staging_folder
 from exporter.recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe

@@ -12,7 +12,8 @@ from pathlib import Path
 from runtime.heads import HEADS
 
 from exporter.flags import option
-from exporter.recipes import BUILD_BACKENDS, CALIBRATION_METHODS, PRECISIONS
+from exporter.precision.calibration import CALIBRATION_METHODS
+from exporter.recipes import BUILD_BACKENDS, PRECISIONS
 from exporter.tensorrt_engine import EngineOptions
 
 

@@ -22,7 +22,6 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A build's choices, known without importing the libraries that build (so `verify` needs only the runtime).
 JUDGED = (*PRECISIONS, "bf16")  # precisions with bounds; bf16: OpenVINO's compute for fp32 artifacts
 BUILD_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # build --backend: whether to make TensorRT engines
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOLERANCE_KEYS = ("max_abs", "min_cosine", "min_argmax", "tie_margin")
 
 

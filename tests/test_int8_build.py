@@ -13,10 +13,10 @@ from onnxruntime.quantization import qdq_loss_debug
 from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
 
 from conftest import run_onnx, tiny_limits
-from exporter import calibration, quantize
+from exporter.precision import calibration, int8
 from exporter.build import BuildOptions, ValidationFailed, build, report_sensitive
 from exporter.cli import main
-from exporter.quantize import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
+from exporter.precision.int8 import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
                                qdq_int8, quantization_noise, to_int8_dynamic, to_int8_qdq)
 from exporter.model.samples import synthetic_inputs
 from exporter.tensorrt_support import graph_problems
@@ -206,7 +206,7 @@ def test_quantizing_piece_by_piece_computes_what_quantizing_the_whole_graph_does
             calibrate(fp32, feeds, "minmax", cache, log=lambda message: None)
             whole, pieces = tmp_path / f"{head}-{graph}-whole.onnx", tmp_path / f"{head}-{graph}-pieces.onnx"
             nodes = chosen_nodes(onnx.load(str(fp32), load_external_data=False), [])
-            with quantize.quiet():
+            with int8.quiet():
                 if form == "dynamic":
                     dynamic_int8(fp32, whole, nodes)
                     to_int8_dynamic(fp32, pieces, [])
@@ -246,8 +246,8 @@ def test_each_piece_holds_a_sliver_of_the_weights_and_large_graphs_stream_to_ext
     monkeypatch.setattr(quantize, "INLINE_UNDER", 64)  # and its tensors as large as a real one's
     for form, quantizer in forms.items():
         streamed, whole = tmp_path / f"{form}-streamed.onnx", tmp_path / f"{form}-whole.onnx"
-        with quantize.quiet():
-            quantize.in_pieces(fp32, streamed, [], functools.partial(measured, quantizer))
+        with int8.quiet():
+            int8.in_pieces(fp32, streamed, [], functools.partial(measured, quantizer))
             quantizer(fp32, whole, nodes)
         assert (tmp_path / f"{form}-streamed.onnx.data").stat().st_size > weights / 5  # int8 and float weights
         model = onnx.load(str(streamed), load_external_data=False)

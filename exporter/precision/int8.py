@@ -38,7 +38,7 @@ from runtime.errors import UserError
 
 from exporter.export import to_onnx
 from exporter.export.to_onnx import check_graph, written
-from exporter.recipes import CALIBRATION_METHODS
+from exporter.precision.calibration import CALIBRATION_METHODS
 
 METHODS = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
                                           CalibrationMethod.Percentile)))

@@ -19,6 +19,7 @@ from runtime.errors import UserError
 from runtime.files import json_lines
 from runtime.heads import HeadSpec, field_problem, parse_field
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # how activation ranges are chosen
 Example = dict[str, Any]  # field -> a text, or a list of texts for a "[]" field
 Feed = dict[str, np.ndarray]
 
