@@ -55,9 +55,9 @@ from exporter.errors import ValidationFailed
 from exporter.publish import publish, staging_folder
 from exporter.recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
 from exporter.options import BuildOptions
-from exporter.tensorrt_engine import build_engine, profile_shapes
-from exporter.tensorrt_support import TABLE as TENSORRT_TABLE
-from exporter.tensorrt_support import graph_problems, load_structure, profile_problems
+from exporter.tensorrt.engine import build_engine, profile_shapes
+from exporter.tensorrt.parser_check import TABLE as TENSORRT_TABLE
+from exporter.tensorrt.parser_check import graph_problems, load_structure, profile_problems
 from exporter.validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
 
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}

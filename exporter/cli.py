@@ -22,7 +22,7 @@ from exporter.interrupts import exit_at_once
 from exporter.recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
 from exporter.flags import add_arguments
 from exporter.options import BuildOptions, from_arguments
-from exporter.tensorrt_engine import EngineOptions
+from exporter.tensorrt.engine import EngineOptions
 from exporter.triton import QUEUE_DELAY_US
 
 

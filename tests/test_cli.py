@@ -192,7 +192,7 @@ def test_every_build_default_that_help_gives_is_the_one_that_applies():
 
     from exporter.options import BuildOptions
     from exporter.recipes import load_recipe
-    from exporter.tensorrt_engine import EngineOptions
+    from exporter.tensorrt.engine import EngineOptions
 
     defaults = tomllib.loads((ROOT / "recipes" / "defaults.toml").read_text())
     commands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))

@@ -19,7 +19,7 @@ from exporter.cli import main
 from exporter.precision.int8 import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
                                qdq_int8, quantization_noise, to_int8_dynamic, to_int8_qdq)
 from exporter.model.samples import synthetic_inputs
-from exporter.tensorrt_support import graph_problems
+from exporter.tensorrt.parser_check import graph_problems
 from runtime import Session, UserError, tensorrt_backend
 from runtime.heads import HEADS, expand
 from runtime.manifest import Manifest

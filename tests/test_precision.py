@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
-from exporter.tensorrt_support import graph_problems
+from exporter.tensorrt.parser_check import graph_problems
 from exporter.validate import compare
 from runtime import openvino_backend
 from runtime.manifest import Manifest

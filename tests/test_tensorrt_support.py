@@ -12,8 +12,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import HEADS, tiny_limits
-from exporter.tensorrt_engine import profile_shapes
-from exporter.tensorrt_support import TABLE, graph_problems, load_structure, profile_problems
+from exporter.tensorrt.engine import profile_shapes
+from exporter.tensorrt.parser_check import TABLE, graph_problems, load_structure, profile_problems
 from runtime import tensorrt_backend
 from runtime.heads import HEADS as SPECS
 from runtime.heads import expand

@@ -1,6 +1,6 @@
 """Will TensorRT's ONNX parser take this graph? Checked without TensorRT, from its published tables.
 
-`data/tensorrt_onnx_operators.json` is the operator table of onnx-tensorrt (the parser inside
+`onnx_operators.json` is the operator table of onnx-tensorrt (the parser inside
 TensorRT) for TensorRT 10, as data: each supported op with the data types it accepts. A graph passes
 when every node is a standard-domain op in that table, every input it reads has one of the op's types,
 uint8 appears only at the graph's edges, and every Q/DQ pair is what TensorRT can run: int8 with zero
@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from exporter.tensorrt_engine import Shapes
+from exporter.tensorrt.engine import Shapes
 
-TABLE = json.loads((Path(__file__).parent / "data" / "tensorrt_onnx_operators.json").read_text())
+TABLE = json.loads((Path(__file__).parent / "onnx_operators.json").read_text())
 TYPE_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
               TensorProto.INT32: "INT32", TensorProto.INT64: "INT64", TensorProto.INT8: "INT8",
               TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL", TensorProto.DOUBLE: "DOUBLE",
