@@ -32,12 +32,12 @@ from runtime.manifest import Manifest
 from runtime.pinned import find_manifest
 
 from exporter.sources import checkpoints
-from exporter.accuracy import TorchBackend
+from exporter.validation.task_metric import TorchBackend
 from exporter.build import versions
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel
 from exporter.export.to_onnx import reference_outputs
-from exporter.validate import compare
+from exporter.validation.logits import compare
 
 
 @dataclass

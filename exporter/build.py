@@ -45,7 +45,7 @@ from runtime.tokenizer import load_tokenizer
 
 from exporter.precision import calibration
 from exporter.sources import checkpoints, demo
-from exporter.accuracy import REFERENCE, Evaluation, TorchBackend, evaluation_for
+from exporter.validation.task_metric import REFERENCE, Evaluation, TorchBackend, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.export.to_onnx import export_graph, written
@@ -58,7 +58,7 @@ from exporter.options import BuildOptions
 from exporter.tensorrt.engine import build_engine, profile_shapes
 from exporter.tensorrt.parser_check import TABLE as TENSORRT_TABLE
 from exporter.tensorrt.parser_check import graph_problems, load_structure, profile_problems
-from exporter.validate import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
+from exporter.validation.logits import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
 
 SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
 
@@ -97,7 +97,7 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     check_writable(out)
     check_name_is_free(out, name)
     # A bad evaluation or calibration set stops us before any work.
-    evaluation = evaluation_for(recipe, options.eval_data)
+    evaluation = evaluation_for(recipe.head, recipe.evaluation, recipe.accuracy, options.eval_data)
     calibration_set = read_calibration_set(recipe, options) if options.precision == "int8" else None
 
     checkpoint = demo.resolve(options.checkpoint or recipe.checkpoint, options.head)

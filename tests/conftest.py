@@ -202,7 +202,7 @@ def run_onnx(path, feed: dict) -> dict:
 def torch_backend(checkpoint, head: str):
     """The reference PyTorch head of a checkpoint behind a Session, so a helper's logic can be fed the
     reference outputs instead of ONNX Runtime's."""
-    from exporter.accuracy import TorchBackend
+    from exporter.validation.task_metric import TorchBackend
     from exporter.sources.checkpoints import load
 
     return TorchBackend(load(head, checkpoint).model)

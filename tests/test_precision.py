@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from conftest import HEADS, head_inputs, hf_outputs, padded_batch, run_onnx
 from exporter.tensorrt.parser_check import graph_problems
-from exporter.validate import compare
+from exporter.validation.logits import compare
 from runtime import openvino_backend
 from runtime.manifest import Manifest
 

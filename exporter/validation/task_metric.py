@@ -23,7 +23,6 @@ from runtime.session import Session
 
 from exporter.model.megatron_bert import HeadModel
 from exporter.export.to_onnx import reference_outputs
-from exporter.recipes import Recipe
 
 REFERENCE = "pytorch fp32"
 
@@ -92,16 +91,17 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def evaluation_for(recipe: Recipe, data: str | None) -> Evaluation | None:
-    """The evaluation the recipe (or `--eval-data FILE`) asks for; None for `--eval-data none` or a
-    recipe without an [evaluation] set (then logit tolerances decide every precision)."""
-    setting = recipe.evaluation
+def evaluation_for(head: str, setting: dict[str, Any], accuracy: dict[str, dict[str, Any]], data: str | None
+                   ) -> Evaluation | None:
+    """The evaluation a recipe's [evaluation] `setting` (or `--eval-data FILE`) asks for, judged by its
+    [accuracy.<precision>] bounds; None for `--eval-data none` or a recipe without an evaluation set (then
+    logit tolerances decide every precision)."""
     path = data if data is not None else setting.get("data")
     if path is None or path == "none":
         return None
-    metrics = METRICS[recipe.head].names
+    metrics = METRICS[head].names
     metric = setting.get("metric", metrics[0])
     if metric not in metrics:
-        raise UserError(f"the {recipe.head} head's evaluation measures {', '.join(metrics)}, not {metric!r}")
-    bounds = {precision: float(b["max_drop"]) for precision, b in recipe.accuracy.items() if "max_drop" in b}
-    return Evaluation(recipe.head, Path(path), metric, read_examples(path, recipe.head), bounds)
+        raise UserError(f"the {head} head's evaluation measures {', '.join(metrics)}, not {metric!r}")
+    bounds = {precision: float(b["max_drop"]) for precision, b in accuracy.items() if "max_drop" in b}
+    return Evaluation(head, Path(path), metric, read_examples(path, head), bounds)
