@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from exporter.bench import machine
-from exporter.build import BuildOptions, ValidationFailed, build
+from exporter.pipeline.build import BuildOptions, ValidationFailed, build
 from exporter.precision.int8 import METHODS
 from runtime.heads import HEADS
 from runtime.manifest import Manifest

@@ -33,7 +33,7 @@ from runtime.pinned import find_manifest
 
 from exporter.sources import checkpoints
 from exporter.validation.task_metric import TorchBackend
-from exporter.build import versions
+from exporter.pipeline.build import versions
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel
 from exporter.export.to_onnx import reference_outputs

@@ -19,9 +19,9 @@ from runtime.heads import HEADS
 from exporter.errors import ValidationFailed
 from exporter.http_guard import MAX_REQUEST_BYTES
 from exporter.interrupts import exit_at_once
-from exporter.recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
+from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
 from exporter.flags import add_arguments
-from exporter.options import BuildOptions, from_arguments
+from exporter.pipeline.options import BuildOptions, from_arguments
 from exporter.tensorrt.engine import EngineOptions
 from exporter.triton import QUEUE_DELAY_US
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "build-all":
             with exit_at_once():
-                from exporter.build_all import build_all
+                from exporter.pipeline.build_all import build_all
 
             return 0 if build_all(args.recipes, args.heads, args.precisions, args.out, args.backend, print) else 1
         if args.command == "triton":
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if good else 1
         with exit_at_once():
-            from exporter.build import build  # torch and onnx: only the commands that build import them
+            from exporter.pipeline.build import build  # torch and onnx: only the commands that build import them
 
         build(from_arguments(args))
     except UserError as err:

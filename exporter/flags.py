@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from exporter.recipes import RECIPES_DIR
+from exporter.pipeline.recipes import RECIPES_DIR
 
 
 @dataclass(frozen=True)

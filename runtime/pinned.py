@@ -46,7 +46,7 @@ def manifest_beside(path: Path) -> Path:
 
 def find_manifest(path: Path) -> Path:
     """The real path of the manifest `manifest_beside` names, so that every file is read from one
-    published version of the artifact (exporter.publish). Links may lead only within the folder the
+    published version of the artifact (exporter.pipeline.publish). Links may lead only within the folder the
     path names (as published versions do)."""
     manifest = manifest_beside(path)
     if not manifest.exists():

@@ -147,7 +147,7 @@ def hf_checkpoints(tmp_path_factory):
 
 def build_all(checkpoints, out, precision: str = "fp32") -> dict:
     """Every head built at `precision`: head -> (manifest path, HF model)."""
-    from exporter.build import BuildOptions, build
+    from exporter.pipeline.build import BuildOptions, build
 
     # Random weights: their task metrics mean nothing, so these artifacts are judged by their logits.
     return {head: (build(BuildOptions(head=head, checkpoint=str(directory), out=out, precision=precision,

@@ -32,7 +32,7 @@ def test_345m_qa_matches_transformers():
 def test_345m_qa_low_precision_within_bounds(tmp_path, precision):
     """The realistic size in fp16 and int8, validated against PyTorch (benchmarks/qa-345m.toml explains
     its int8 bound for random weights)."""
-    from exporter.build import BuildOptions, build
+    from exporter.pipeline.build import BuildOptions, build
     from runtime.manifest import Manifest
 
     recipe = Path(__file__).resolve().parent.parent / "benchmarks" / "qa-345m.toml"

@@ -185,7 +185,7 @@ def test_ctrl_c_during_start_up_or_work_exits_130_without_a_traceback(tmp_path, 
 
 def test_names_that_extend_another_artifacts_are_refused_both_ways(built, tmp_path):
     """`qa.v2` beside `qa` would own `qa.v2.onnx`, which `qa`'s name covers, and block `qa`'s next build."""
-    from exporter.build import check_name_is_free
+    from exporter.pipeline.build import check_name_is_free
 
     out = copy_artifact(built["qa"][0], tmp_path / "out").parent
     for name in ("qa.v2", "qa.prefill", "qa.sig"):
@@ -204,7 +204,7 @@ def nested(depth: int) -> str:
 
 
 def test_a_deeply_nested_manifest_is_one_line_everywhere(built, tmp_path, capsys):
-    from exporter.build import check_name_is_free
+    from exporter.pipeline.build import check_name_is_free
 
     path = copy_artifact(built["qa"][0], tmp_path / "out")
     copy_artifact(built["nsp"][0], tmp_path / "nsp")

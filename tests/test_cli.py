@@ -130,7 +130,7 @@ def test_interrupted_build_leaves_the_previous_artifact(tmp_path, monkeypatch, c
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("exporter.build.validate", interrupt)
+    monkeypatch.setattr("exporter.pipeline.build.validate", interrupt)
     assert cli.main(["build", "--head", "mlm", "--max-sequence", "8", "--eval-data", "none", "--out", str(tmp_path)]) == 130
     assert visible(tmp_path) == before
     assert not [p for p in os.listdir(tmp_path) if ".building-" in p]  # no staging folder left either
@@ -190,8 +190,8 @@ def test_every_build_default_that_help_gives_is_the_one_that_applies():
     import tomllib
     from dataclasses import MISSING, fields
 
-    from exporter.options import BuildOptions
-    from exporter.recipes import load_recipe
+    from exporter.pipeline.options import BuildOptions
+    from exporter.pipeline.recipes import load_recipe
     from exporter.tensorrt.engine import EngineOptions
 
     defaults = tomllib.loads((ROOT / "recipes" / "defaults.toml").read_text())

@@ -14,7 +14,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_d
 
 from conftest import run_onnx, tiny_limits
 from exporter.precision import calibration, int8
-from exporter.build import BuildOptions, ValidationFailed, build, report_sensitive
+from exporter.pipeline.build import BuildOptions, ValidationFailed, build, report_sensitive
 from exporter.cli import main
 from exporter.precision.int8 import (METHODS, QUANTIZED_OPS, Feeds, calibrate, chosen_nodes, dynamic_int8, module_path,
                                qdq_int8, quantization_noise, to_int8_dynamic, to_int8_qdq)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.build import BuildOptions, build
+from exporter.pipeline.build import BuildOptions, build
 from runtime.errors import UserError
 from runtime.files import sha256_of
 from runtime.pinned import verify

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import tiny_limits
 from exporter.sources import checkpoints
-from exporter.build import BuildOptions, build
+from exporter.pipeline.build import BuildOptions, build
 from runtime import Session, UserError, backend_choice, feeds, openvino_backend
 from runtime.manifest import Manifest
 

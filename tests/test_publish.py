@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter.build import BuildOptions, build
+from exporter.pipeline.build import BuildOptions, build
 from exporter.cli import main
-from exporter.publish import publish, staging_folder
+from exporter.pipeline.publish import publish, staging_folder
 from runtime import Session
 from runtime.manifest import Manifest
 
@@ -30,7 +30,7 @@ LM = dict(SMALL, head="causal-lm", max_past=8)
 KILLER = """
 import os, shutil, sys
 from pathlib import Path
-from exporter.publish import publish, staging_folder
+from exporter.pipeline.publish import publish, staging_folder
 from runtime.manifest import Manifest
 
 new, out, k = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -137,7 +137,7 @@ def test_two_publishers_and_a_reader_never_see_an_error(versions, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(versions["old"], out, symlinks=True)
     publisher = ("import sys\nfrom pathlib import Path\nfrom test_publish import staged, versions_at\n"
-                 "from exporter.publish import publish\nfrom runtime.manifest import Manifest\n"
+                 "from exporter.pipeline.publish import publish\nfrom runtime.manifest import Manifest\n"
                  "versions, out = versions_at(Path(sys.argv[1])), Path(sys.argv[2])\n"
                  "for i in range(15):\n"
                  "    which = ('new', 'lm')[(i + int(sys.argv[3])) % 2]\n"

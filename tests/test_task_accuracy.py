@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.build import BuildOptions, ValidationFailed, build
-from exporter.build_all import build_all
+from exporter.pipeline.build import BuildOptions, ValidationFailed, build
+from exporter.pipeline.build_all import build_all
 from exporter.cli import main
 from exporter.sources.demo import DIRECTORY, TRAINED
-from exporter.recipes import RECIPES_DIR
+from exporter.pipeline.recipes import RECIPES_DIR
 from exporter.sources.training.world import CITIES
 from runtime import Session, UserError
 from runtime.evaluation import METRICS, evaluate, read_examples

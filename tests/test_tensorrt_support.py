@@ -124,7 +124,7 @@ def test_profiles_that_do_not_fit_are_caught(built):
 @pytest.mark.skipif(tensorrt_backend.usable() is not None, reason=f"TensorRT engines: {tensorrt_backend.usable()}")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_engine_build_and_run(hf_checkpoints, tmp_path, precision):
-    from exporter.build import BuildOptions, build
+    from exporter.pipeline.build import BuildOptions, build
     from runtime import Session, UserError
 
     path = build(BuildOptions(head="qa", checkpoint=str(hf_checkpoints["qa"][0]), out=tmp_path, precision=precision,

@@ -52,9 +52,9 @@ from exporter.export.to_onnx import export_graph, written
 from exporter.precision.fp16 import to_fp16
 from exporter.precision.int8 import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
 from exporter.errors import ValidationFailed
-from exporter.publish import publish, staging_folder
-from exporter.recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
-from exporter.options import BuildOptions
+from exporter.pipeline.publish import publish, staging_folder
+from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
+from exporter.pipeline.options import BuildOptions
 from exporter.tensorrt.engine import build_engine, profile_shapes
 from exporter.tensorrt.parser_check import TABLE as TENSORRT_TABLE
 from exporter.tensorrt.parser_check import graph_problems, load_structure, profile_problems

@@ -18,7 +18,7 @@ from runtime.heads import DYNAMIC_AXES, HEADS, HeadSpec
 
 from exporter.model.config import MegatronBertConfig
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 # A build's choices, known without importing the libraries that build (so `verify` needs only the runtime).
 JUDGED = (*PRECISIONS, "bf16")  # precisions with bounds; bf16: OpenVINO's compute for fp32 artifacts
 BUILD_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # build --backend: whether to make TensorRT engines

@@ -13,7 +13,7 @@ from runtime.heads import HEADS
 
 from exporter.flags import option
 from exporter.precision.calibration import CALIBRATION_METHODS
-from exporter.recipes import BUILD_BACKENDS, PRECISIONS
+from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS
 from exporter.tensorrt.engine import EngineOptions
 
 

@@ -21,8 +21,8 @@ from runtime.manifest import Manifest
 from runtime.pinned import verify
 
 from exporter.sources import demo
-from exporter.build import BuildOptions, Log, ValidationFailed, build, versions
-from exporter.recipes import PRECISIONS, RECIPES_DIR, load_recipe
+from exporter.pipeline.build import BuildOptions, Log, ValidationFailed, build, versions
+from exporter.pipeline.recipes import PRECISIONS, RECIPES_DIR, load_recipe
 
 
 def recipe_files(recipes: Path, heads: list[str] | None) -> dict[str, Path]:
