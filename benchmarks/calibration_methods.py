@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from exporter.bench import machine
+from exporter.delivery.bench import machine
 from exporter.pipeline.build import BuildOptions, ValidationFailed, build
 from exporter.precision.int8 import METHODS
 from runtime.heads import HEADS

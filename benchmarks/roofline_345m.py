@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from exporter.bench import encoder_inputs, machine
+from exporter.delivery.bench import encoder_inputs, machine
 from runtime.machine import timed
 from runtime import Session
 from runtime.manifest import Manifest

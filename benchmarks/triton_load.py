@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime import Session  # noqa: E402
-from exporter.serve import free_port  # noqa: E402
+from exporter.delivery.serve import free_port  # noqa: E402
 from runtime.machine import describe  # noqa: E402
 
 

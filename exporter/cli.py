@@ -17,13 +17,13 @@ from runtime.errors import UserError
 from runtime.heads import HEADS
 
 from exporter.errors import ValidationFailed
-from exporter.http_guard import MAX_REQUEST_BYTES
+from exporter.delivery.http_guard import MAX_REQUEST_BYTES
 from exporter.interrupts import exit_at_once
 from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
 from exporter.flags import add_arguments
 from exporter.pipeline.options import BuildOptions, from_arguments
 from exporter.tensorrt.engine import EngineOptions
-from exporter.triton import QUEUE_DELAY_US
+from exporter.delivery.triton import QUEUE_DELAY_US
 
 
 class Parser(argparse.ArgumentParser):
@@ -179,7 +179,7 @@ def sizes(text: str) -> list[int]:
 
 def benchmark(args: argparse.Namespace) -> None:
     with exit_at_once():
-        from exporter import bench
+        from exporter.delivery import bench
 
     if args.iterations < 1 or args.warmup < 0 or args.new_tokens < 1:
         raise UserError("--iterations and --new-tokens must be at least 1, --warmup at least 0")
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return 0 if build_all(args.recipes, args.heads, args.precisions, args.out, args.backend, print) else 1
         if args.command == "triton":
-            from exporter.triton import RepositoryOptions, write_repository
+            from exporter.delivery.triton import RepositoryOptions, write_repository
 
             models = write_repository(args.artifacts, args.out, RepositoryOptions(
                 device=args.device, with_tokenizer=args.with_tokenizer, python_backend=args.python_backend,
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {', '.join(models)}")
             return 0
         if args.command == "serve":
-            from exporter.serve import ServeOptions, serve
+            from exporter.delivery.serve import ServeOptions, serve
 
             for port, flag in ((args.port, "--port"), (args.grpc_port, "--grpc-port")):
                 if not 0 < port < 65536:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             sign_artifacts(args.artifacts, args.key, args.password_env)
             return 0
         if args.command == "verify":
-            from exporter.verify import report
+            from exporter.delivery.verify import report
 
             text, good = report(args.target, args.public_key)
             print(text)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import bench
+from exporter.delivery import bench
 from exporter.cli import main
 from runtime import openvino_backend
 

@@ -1,4 +1,4 @@
-"""exporter.http_guard on its own: what it refuses before Triton would see it, and that it passes the
+"""exporter.delivery.http_guard on its own: what it refuses before Triton would see it, and that it passes the
 rest through unchanged (a stand-in upstream here; tests/test_triton_server.py puts it before Triton)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from exporter.http_guard import Guard, Refused, check_infer
+from exporter.delivery.http_guard import Guard, Refused, check_infer
 
 LIMIT = 1 << 20
 

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import assert_same_result
 from exporter.cli import main
-from exporter.serve import free_port
+from exporter.delivery.serve import free_port
 from runtime import Session
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -379,7 +379,7 @@ def test_serve_without_triton_says_what_to_install(built, monkeypatch, capsys):
 
 
 def test_serve_refuses_numpy_2_and_a_taken_port(built, monkeypatch, capsys, tmp_path):
-    from exporter import serve
+    from exporter.delivery import serve
 
     monkeypatch.setattr(np, "__version__", "2.0.0")
     monkeypatch.setattr(serve.TritonInstall, "find", classmethod(lambda cls: cls(*[tmp_path] * 4)))
@@ -446,7 +446,7 @@ def test_the_load_benchmark_runs_from_the_serving_environment(serving_python):
 def test_tritons_cuda_complaints_on_a_cpu_host_are_one_note():
     import io
 
-    from exporter.serve import relay
+    from exporter.delivery.serve import relay
 
     said: list[str] = []
     log = (b'E1202 server.cc:241] "CudaDriverHelper has not been initialized."\n'

@@ -5,7 +5,7 @@ only Triton's Python backend, so every graph is served in the Python-backend for
 (runtime.Session running the artifact in process, read where it is), with NAME-text beside it. The
 repository and the backend folder live in a temporary folder removed on exit.
 
-Clients reach Triton's gRPC endpoint directly and its HTTP endpoint through exporter.http_guard, which
+Clients reach Triton's gRPC endpoint directly and its HTTP endpoint through exporter.delivery.http_guard, which
 refuses requests that declare more than they carry (Triton's HTTP endpoint would allocate them and die).
 With a public key, each model opens its artifact only if it is signed by the key's private key, checked on
 the bytes it loads; an artifact that is not stays UNAVAILABLE, as a tampered one does.
@@ -43,8 +43,8 @@ from runtime.heads import HEADS, parse_field
 from runtime.manifest import Manifest
 from runtime.pinned import find_manifest
 
-from exporter.http_guard import MAX_REQUEST_BYTES, Guard
-from exporter.triton import QUEUE_DELAY_US, RepositoryOptions, write_repository
+from exporter.delivery.http_guard import MAX_REQUEST_BYTES, Guard
+from exporter.delivery.triton import QUEUE_DELAY_US, RepositoryOptions, write_repository
 
 INSTALL_HINT = "pip install 'megatron-deploy[serve]' (nvidia-pytriton's tritonserver)"
 EXIT_TIMEOUT_S = 30  # how long in-flight requests get to finish on stop
