@@ -217,11 +217,11 @@ def test_quantizing_piece_by_piece_computes_what_quantizing_the_whole_graph_does
             assert expected.keys() == actual.keys()
             for name in expected:
                 np.testing.assert_array_equal(actual[name], expected[name], err_msg=f"{head} {graph} {name}")
-            int8 = [{t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
-                     if t.data_type == onnx.TensorProto.INT8} for path in (whole, pieces)]
-            assert int8[0].keys() == int8[1].keys() and len(int8[0]) >= len(nodes) > 0, (head, graph)
-            for name in int8[0]:
-                np.testing.assert_array_equal(int8[1][name], int8[0][name], err_msg=f"{head} {graph} {name}")
+            weights = [{t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                        if t.data_type == onnx.TensorProto.INT8} for path in (whole, pieces)]
+            assert weights[0].keys() == weights[1].keys() and len(weights[0]) >= len(nodes) > 0, (head, graph)
+            for name in weights[0]:
+                np.testing.assert_array_equal(weights[1][name], weights[0][name], err_msg=f"{head} {graph} {name}")
 
 
 def test_each_piece_holds_a_sliver_of_the_weights_and_large_graphs_stream_to_external_data(built, tmp_path,

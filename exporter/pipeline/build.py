@@ -1,9 +1,10 @@
 """`build`: checkpoint -> reference head -> ONNX graph(s) -> precision -> validation -> artifact.
 
-Everything is made in a staging directory inside the output directory. Only an artifact that passed
-validation is moved into place (each file by an atomic rename, the manifest last), so an interrupted
-or failed build leaves the previous artifact of that name as it was. A failed one is kept in
-`OUT/NAME.failed/` for inspection, where no Session looks for it.
+Everything is made in a staging directory inside the output directory, and what one build carries
+(its options, recipe, tokenizer, evaluation, staging folder, log) travels as one `BuildContext`. Only an
+artifact that passed validation is published (`publish`: a new version folder, then one symlink swap),
+so an interrupted or failed build leaves the previous artifact of that name as it was. A failed one is
+kept in `OUT/NAME.failed/` for inspection, where no Session looks for it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import shutil
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata
@@ -116,8 +117,9 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
-        manifest = make_artifact(loaded, recipe, options, name, tokenizer, evaluation, calibration_set, staging,
-                                 engines_wanted, log)
+        context = BuildContext(options, recipe, name, tokenizer, staging, evaluation, calibration_set, engines_wanted,
+                               log, describe(loaded, recipe, options.precision, name, tokenizer))
+        manifest = make_artifact(context, loaded)
         if not manifest.validation["passed"]:
             failed = out / f"{name}.failed"
             shutil.rmtree(failed, ignore_errors=True)
@@ -234,26 +236,41 @@ def give_back_freed_memory() -> None:
         pass
 
 
-def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, name: str, tokenizer: Tokenizer,
-                  evaluation: Evaluation | None, calibration_set: CalibrationSet | None, staging: Path,
-                  engines_wanted: bool, log: Log) -> Manifest:
-    """Write the graphs (and engines), tokenizer and manifest of one artifact into `staging`."""
-    spec, config, precision = recipe.spec, loaded.config, options.precision
-    hf_config = config.to_hf_dict()
-    graphs = {graph: staging / graph_file(name, graph) for graph in spec.graphs}  # what ONNX Runtime runs
-    for graph, path in graphs.items():
-        with step(log, f"exporting {path.name} (fp32)"):
-            export_graph(loaded.model, spec, graph, config, path)
-    tokenizer_file = f"{name}.tokenizer.json"
-    tokenizer.save(str(staging / tokenizer_file))
-    manifest = Manifest(
+@dataclass
+class BuildContext:
+    """What one build carries through its stages."""
+    options: BuildOptions
+    recipe: Recipe  # fitted to the checkpoint's config, with the shape limits asked for
+    name: str
+    tokenizer: Tokenizer
+    staging: Path  # where the artifact is made
+    evaluation: Evaluation | None  # the task metric's examples and bounds (None: logits decide)
+    calibration_set: CalibrationSet | None  # int8 only
+    engines_wanted: bool  # build TensorRT engines
+    log: Log
+    manifest: Manifest  # filled in as the build goes
+    cases: list[Case] = field(default_factory=list)  # validation inputs with PyTorch's outputs
+
+    @property
+    def spec(self) -> HeadSpec:
+        return self.recipe.spec
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+
+def describe(loaded: LoadedModel, recipe: Recipe, precision: str, name: str, tokenizer: Tokenizer) -> Manifest:
+    """The manifest of what is about to be built: graphs, limits, tokenizer, task, source."""
+    spec, hf_config = recipe.spec, loaded.config.to_hf_dict()
+    return Manifest(
         name=name, head=spec.name, precision=precision, config=hf_config,
         graphs={graph: {"file": graph_file(name, graph),
                         "inputs": [_tensor(t) for t in expand(g.inputs, hf_config)],
                         "outputs": [_tensor(t) for t in expand(g.outputs, hf_config)]}
                 for graph, g in spec.graphs.items()},
         shape_limits=recipe.shape_limits,
-        tokenizer={"file": tokenizer_file, "max_length": recipe.shape_limits["sequence"][2],
+        tokenizer={"file": f"{name}.tokenizer.json", "max_length": recipe.shape_limits["sequence"][2],
                    "padding_side": spec.padding_side,
                    "special_tokens": {role: {"token": token, "id": tokenizer.token_to_id(token)}
                                       for role, token in SPECIAL_TOKENS.items()
@@ -262,12 +279,22 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
         source={"checkpoint": loaded.report.source, "kind": loaded.report.kind, "sha256": loaded.report.sha256,
                 "notes": loaded.report.notes, "unused_weights": loaded.report.unused,
                 "randomly_initialized": loaded.report.randomly_initialized})
+
+
+def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
+    """Write the graphs (and engines), tokenizer and manifest of one artifact into the staging folder."""
+    spec, config, precision, staging, log = context.spec, loaded.config, context.precision, context.staging, context.log
+    recipe, manifest, evaluation, name = context.recipe, context.manifest, context.evaluation, context.name
+    graphs = {graph: staging / graph_file(name, graph) for graph in spec.graphs}  # what ONNX Runtime runs
+    for graph, path in graphs.items():
+        with step(log, f"exporting {path.name} (fp32)"):
+            export_graph(loaded.model, spec, graph, config, path)
+    context.tokenizer.save(str(staging / manifest.tokenizer["file"]))
     if evaluation:
         with step(log, f"measuring PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
             evaluation.measure(REFERENCE, manifest, staging, TorchBackend(loaded.model))
-    tolerance = recipe.tolerance[precision]
     with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
-        cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
+        context.cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
     # Free its weights before anything else loads a copy (converter, quantizer, ONNX Runtime): the
     # outputs are all we need, and two copies of a 3.9B model do not fit in 24 GB.
     loaded.model.to("meta")
@@ -281,47 +308,46 @@ def make_artifact(loaded: LoadedModel, recipe: Recipe, options: BuildOptions, na
         for graph, path in graphs.items():
             with step(log, f"converting {path.name} to fp16"):
                 to_fp16(fp32[graph], path)
-    elif calibration_set is not None:
-        int8 = Int8(spec, recipe, calibration_set, name, tokenizer, fp32, graphs, staging, log)
+    elif context.calibration_set is not None:
+        int8 = Int8(context, fp32, graphs)
         for_tensorrt = int8.quantize(int8.forced)
     forms = [Form("onnxruntime", precision, graphs), *([Form("onnxruntime q/dq", precision, for_tensorrt)]
                                                        if precision == "int8" else []),
              *openvino_forms(precision, graphs, for_tensorrt, log)]
-    measured = check_forms(forms, cases, spec, recipe.tolerance, evaluation, manifest, staging, log)
+    measured = check_forms(context, forms)
     stopped: list[str] = []
-    if int8 is not None and evaluation is not None and required_problems(forms, *measured, evaluation):
-        measured, stopped = int8.repair(evaluation, lambda: check_forms(
-            forms, cases, spec, recipe.tolerance, evaluation, manifest, staging, log), measured,
-            lambda again: required_problems(forms, *again, evaluation))
-    results, accuracy = measured
-    problems = required_problems(forms, results, accuracy, evaluation) + stopped
-    verdicts = {form.name: not form_problems(form, results, accuracy, evaluation) for form in forms}
+    if int8 is not None and evaluation is not None and required_problems(forms, measured, evaluation):
+        measured, stopped = int8.repair(evaluation, lambda: check_forms(context, forms), measured,
+                                        lambda again: required_problems(forms, again, evaluation))
+    problems = required_problems(forms, measured, evaluation) + stopped
+    verdicts = {form.name: not form_problems(form, measured, evaluation) for form in forms}
     for form in (f for f in forms if not f.required and not verdicts[f.name]):
         log(f"note: {form.name} failed validation; Session's backend='auto' will not use it "
-            f"({'; '.join(form_problems(form, results, accuracy, evaluation))})")
+            f"({'; '.join(form_problems(form, measured, evaluation))})")
     if int8 is not None:
         problems = calibration_problems(int8.record, recipe) + problems
         if problems:
             int8.record["sensitive_layers"] = int8.ranking()[:5]
             report_sensitive(int8.record["sensitive_layers"], log)
 
-    tensorrt_record = {"parser_check": tensorrt_check(spec, hf_config, recipe.shape_limits, for_tensorrt, log)}
-    engines: dict[str, dict[str, Any]] = {}
-    if not problems and engines_wanted:
-        engine_results, engine_problems = make_engines(cases, spec, recipe, options, name, for_tensorrt, staging,
-                                                       tensorrt_record, hf_config, evaluation, manifest, log)
-        results, problems = results + engine_results, engine_problems
-        verdicts["tensorrt"] = not engine_problems
-        engines = {graph: {"file": graph_file(name, graph, ".plan")} for graph in spec.graphs}
+    tensorrt_record = {"parser_check": tensorrt_check(spec, manifest.config, recipe.shape_limits, for_tensorrt, log)}
+    if not problems and context.engines_wanted:
+        engines = make_engines(context, for_tensorrt, tensorrt_record)
+        forms.append(engines)
+        engine_results, engine_accuracy = check_forms(context, [engines])
+        measured = (measured[0] + engine_results, {**measured[1], **engine_accuracy})
+        problems = form_problems(engines, measured, evaluation)
+        verdicts[engines.name] = not problems
+        manifest.engines = {graph: {"file": path.name} for graph, path in engines.files.items()}
 
     shutil.rmtree(staging / "fp32", ignore_errors=True)
     for graph, path in for_tensorrt.items():
         if path != graphs[graph]:
             manifest.graphs[graph]["tensorrt_file"] = path.name
-    manifest.validation = summary(results, precision, tolerance, problems, verdicts)
+    manifest.validation = summary(measured[0], precision, recipe.tolerance[precision], problems, verdicts)
     manifest.accuracy = evaluation.record(precision, [f.name for f in forms if f.required]) if evaluation else {}
     manifest.quantization = int8.record if int8 else {}
-    manifest.engines, manifest.tensorrt = engines, tensorrt_record
+    manifest.tensorrt = tensorrt_record
     manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     files = [p.name for p in staging.iterdir() if p.is_file() and p.name != f"{name}.json"]
     manifest.record_files(staging, sorted(files))
@@ -339,23 +365,28 @@ def set_aside(graph: Path, folder: Path) -> Path:
 
 @dataclass(frozen=True)
 class Form:
-    """One way the artifact runs, validated against PyTorch: a backend over some of its graph files,
-    judged by the bounds of `precision`. A form not `required` (OpenVINO's) may fail without failing
-    the build; the manifest records it, and runtime.Session's backend="auto" passes it over."""
+    """One way the artifact runs, validated against PyTorch: a backend over some of its files (graphs,
+    or TensorRT engines), judged by the bounds of `precision`. A form not `required` (OpenVINO's) may
+    fail without failing the build; the manifest records it, and runtime.Session's backend="auto"
+    passes it over."""
     name: str
     precision: str
     files: dict[str, Path]
-    float_precision: str | None = None  # OpenVINO's compute for float tensors; None: ONNX Runtime runs it
+    backend: str = "onnxruntime"  # onnxruntime, openvino or tensorrt
+    float_precision: str | None = None  # OpenVINO's compute for float tensors
+    built_with: dict[str, Any] = field(default_factory=dict)  # TensorRT's: what built the engines
 
     @property
     def required(self) -> bool:
-        return self.float_precision is None
+        return self.backend != "openvino"
 
     def open(self, manifest: Manifest) -> Backend:
-        if self.required:
-            return OnnxRuntimeBackend(self.files, ["CPUExecutionProvider"])
-        outputs = {graph: manifest.output_names(graph) for graph in self.files}
-        return OpenVinoBackend(self.files, outputs, self.float_precision, cache=False)
+        if self.backend == "tensorrt":
+            return TensorRTBackend(self.files, self.built_with)
+        if self.backend == "openvino":
+            outputs = {graph: manifest.output_names(graph) for graph in self.files}
+            return OpenVinoBackend(self.files, outputs, self.float_precision, cache=False)
+        return OnnxRuntimeBackend(self.files, ["CPUExecutionProvider"])
 
 
 # What compiling a graph for OpenVINO's CPU plugin holds at its peak, in the graph's weight bytes
@@ -377,29 +408,32 @@ def openvino_forms(precision: str, graphs: dict[str, Path], qdq: dict[str, Path]
             f"{available / 2**30:.1f} GiB is available; Session's backend='auto' will not use it")
         return []
     if precision == "int8":
-        return [Form("openvino", precision, qdq, "fp32")]
-    bf16 = [Form("openvino bf16", "bf16", graphs, "bf16")] if precision == "fp32" and openvino_backend.native_bf16() else []
-    return [Form("openvino", precision, graphs, "fp32"), *bf16]
+        return [Form("openvino", precision, qdq, "openvino", "fp32")]
+    bf16 = ([Form("openvino bf16", "bf16", graphs, "openvino", "bf16")]
+            if precision == "fp32" and openvino_backend.native_bf16() else [])
+    return [Form("openvino", precision, graphs, "openvino", "fp32"), *bf16]
 
 
 Accuracy = dict[str, list[str]]  # form -> how its task metric fell too far (empty: it held)
 Measured = tuple[list[Comparison], Accuracy]
 
 
-def check_forms(forms: list[Form], cases: list[Case], spec: HeadSpec, tolerances: dict[str, dict[str, float]],
-                evaluation: Evaluation | None, manifest: Manifest, staging: Path, log: Log
-                ) -> Measured:
+def check_forms(context: BuildContext, forms: list[Form]) -> Measured:
     """Each form's outputs against PyTorch's (logits), and its task accuracy where there is an
     evaluation set; one form loaded at a time (at 3.9B, two copies do not fit)."""
+    evaluation, manifest, log = context.evaluation, context.manifest, context.log
     results = []
     for form in forms:
         backend = form.open(manifest)
-        with step(log, f"validating ({form.name}, CPU) against PyTorch"):
-            results += validate(cases, {graph: partial(backend.run, graph) for graph in form.files}, spec,
-                                tolerances[form.precision], form.name)
+        where = "GPU" if form.backend == "tensorrt" else "CPU"
+        with step(log, f"validating ({form.name}, {where}) against PyTorch"):
+            results += validate(context.cases, {graph: partial(backend.run, graph) for graph in form.files},
+                                context.spec, context.recipe.tolerance[form.precision], form.name)
         if evaluation:
             with step(log, f"measuring {form.name}'s task accuracy"):
-                evaluation.measure(form.name, manifest, staging, backend)
+                evaluation.measure(form.name, manifest, context.staging, backend)
+        if isinstance(backend, TensorRTBackend):
+            backend.close()
         del backend
     log(table(results))
     if not evaluation:
@@ -410,17 +444,16 @@ def check_forms(forms: list[Form], cases: list[Case], spec: HeadSpec, tolerances
     return results, {form.name: evaluation.problems(form.precision, [form.name]) for form in forms}
 
 
-def form_problems(form: Form, results: list[Comparison], accuracy: Accuracy, evaluation: Evaluation | None
-                  ) -> list[str]:
+def form_problems(form: Form, measured: Measured, evaluation: Evaluation | None) -> list[str]:
     """Why a form fails: the task metric decides fp16, bf16 and int8 where there is one; logit
     tolerances decide the rest."""
+    results, accuracy = measured
     by_logits = form.precision == "fp32" or evaluation is None
     return (failures([r for r in results if r.backend == form.name]) if by_logits else []) + accuracy.get(form.name, [])
 
 
-def required_problems(forms: list[Form], results: list[Comparison], accuracy: Accuracy,
-                      evaluation: Evaluation | None) -> list[str]:
-    return [problem for form in forms if form.required for problem in form_problems(form, results, accuracy, evaluation)]
+def required_problems(forms: list[Form], measured: Measured, evaluation: Evaluation | None) -> list[str]:
+    return [problem for form in forms if form.required for problem in form_problems(form, measured, evaluation)]
 
 
 @dataclass(frozen=True)
@@ -444,19 +477,20 @@ class Int8:
     """The int8 forms of every graph, calibrated once and re-quantized as layers are kept in float: the
     Q/DQ one TensorRT builds from, and the dynamic one ONNX Runtime runs fast on CPU (at `graphs`)."""
 
-    def __init__(self, spec: HeadSpec, recipe: Recipe, chosen: CalibrationSet, name: str, tokenizer: Tokenizer,
-                 fp32: dict[str, Path], graphs: dict[str, Path], staging: Path, log: Log):
+    def __init__(self, context: BuildContext, fp32: dict[str, Path], graphs: dict[str, Path]):
+        assert context.calibration_set is not None
+        chosen, spec, tokenizer, log = context.calibration_set, context.spec, context.tokenizer, context.log
         self.fp32, self.graphs, self.log = fp32, graphs, log
         data, samples, self.method = chosen.data, chosen.asked, chosen.method
         with step(log, f"making calibration inputs from {data}"):
-            self.feeds = calibration_feeds(spec, recipe, tokenizer, chosen.examples, fp32)
+            self.feeds = calibration_feeds(spec, context.recipe, tokenizer, chosen.examples, fp32)
         if self.method != "minmax":  # histograms need one shape (minmax takes each input as it is)
             pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
             self.feeds = {graph: calibration.same_shapes(f, spec.padding_side == "left", pad)
                           for graph, f in self.feeds.items()}
         count = len(next(iter(self.feeds.values())))
         log(f"  {count} examples (asked for {samples})" if count < samples else f"  {count} examples")
-        self.qdq = {graph: staging / graph_file(name, graph, ".qdq.onnx") for graph in graphs}
+        self.qdq = {graph: context.staging / graph_file(context.name, graph, ".qdq.onnx") for graph in graphs}
         self.forced = chosen.keep_float
         specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS.values()}
         ids = {int(i) for f in next(iter(self.feeds.values())) for i in np.unique(f["input_ids"])} - specials
@@ -567,32 +601,20 @@ def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, lis
             "operator_table": TENSORRT_TABLE["source"]}
 
 
-def make_engines(cases: list[Case], spec: HeadSpec, recipe: Recipe, options: BuildOptions, name: str,
-                 sources: dict[str, Path], staging: Path, record: dict[str, Any], hf_config: dict[str, Any],
-                 evaluation: Evaluation | None, manifest: Manifest, log: Log) -> tuple[list[Comparison], list[str]]:
-    """Build NAME.plan (per graph) into `staging`, noting in `record` what built them, and check them
-    against PyTorch like the ONNX graphs; returns the comparisons and the problems that fail the build."""
+def make_engines(context: BuildContext, sources: dict[str, Path], record: dict[str, Any]) -> Form:
+    """Build NAME.plan (per graph) into the staging folder, noting in `record` what built them; returns
+    them as a form to validate like the others."""
     problems = record["parser_check"]["problems"]
     if problems:
         raise UserError(f"TensorRT's ONNX parser would refuse this graph: {'; '.join(problems[:3])}")
+    plans = {}
     for graph, source in sources.items():
-        plan = staging / graph_file(name, graph, ".plan")
-        shapes = profile_shapes(expand(spec.graphs[graph].inputs, hf_config), recipe.shape_limits)
-        with step(log, f"building the TensorRT engine {plan.name} from {source.name}"):
-            record.update(build_engine(source, plan, shapes, options.precision, options.engine))
-    backend = TensorRTBackend({g: staging / graph_file(name, g, ".plan") for g in sources}, record)
-    runners = {graph: partial(backend.run, graph) for graph in sources}
-    with step(log, "validating the TensorRT engines against PyTorch"):
-        results = validate(cases, runners, spec, recipe.tolerance[options.precision], "tensorrt")
-    log(table(results))
-    problems = failures(results) if evaluation is None or options.precision == "fp32" else []
-    if evaluation is not None:
-        with step(log, "measuring the TensorRT engines' task accuracy"):
-            evaluation.measure("tensorrt", manifest, staging, backend)
-        log(evaluation.table())
-        problems += evaluation.problems(options.precision, ["tensorrt"])
-    backend.close()
-    return results, problems
+        plans[graph] = context.staging / graph_file(context.name, graph, ".plan")
+        shapes = profile_shapes(expand(context.spec.graphs[graph].inputs, context.manifest.config),
+                                context.recipe.shape_limits)
+        with step(context.log, f"building the TensorRT engine {plans[graph].name} from {source.name}"):
+            record.update(build_engine(source, plans[graph], shapes, context.precision, context.options.engine))
+    return Form("tensorrt", context.precision, plans, "tensorrt", built_with=record)
 
 
 def calibration_problems(quantization: dict[str, Any], recipe: Recipe) -> list[str]:
