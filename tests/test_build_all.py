@@ -52,7 +52,7 @@ def test_each_heads_graphs_are_exported_once_for_all_precisions(tmp_path, monkey
     monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))  # nothing kept from other tests
     exports: list[str] = []
     real = to_onnx._export
-    monkeypatch.setattr(onnx_export, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
+    monkeypatch.setattr(to_onnx, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
                         or real(model, spec, graph, config, path))
     assert main(["build-all", "--recipes", str(recipes(tmp_path / "recipes")), "--precisions", "fp32,fp16,int8",
                  "--out", str(tmp_path / "out")]) == 0

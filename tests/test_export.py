@@ -95,7 +95,7 @@ def test_an_export_is_reused_only_for_the_same_weights_config_and_graph(tmp_path
     monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))
     exports: list[str] = []
     real = to_onnx._export
-    monkeypatch.setattr(onnx_export, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
+    monkeypatch.setattr(to_onnx, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
                         or real(model, spec, graph, config, path))
     config = MegatronBertConfig.from_hf_dict({**CONFIGS["tiny"], "num_labels": 2})
     model = random_model("qa", config).model

@@ -243,7 +243,7 @@ def test_each_piece_holds_a_sliver_of_the_weights_and_large_graphs_stream_to_ext
 
     nodes = chosen_nodes(onnx.load(str(fp32)), [])
     monkeypatch.setattr("exporter.export.to_onnx.EXTERNAL_DATA_OVER", 0)  # as if this tiny graph were over 256 MiB
-    monkeypatch.setattr(quantize, "INLINE_UNDER", 64)  # and its tensors as large as a real one's
+    monkeypatch.setattr(int8, "INLINE_UNDER", 64)  # and its tensors as large as a real one's
     for form, quantizer in forms.items():
         streamed, whole = tmp_path / f"{form}-streamed.onnx", tmp_path / f"{form}-whole.onnx"
         with int8.quiet():

@@ -8,16 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.pipeline.build import BuildOptions, ValidationFailed, build
+from exporter.pipeline.build import BuildOptions, build
 from exporter.pipeline.build_all import build_all
 from exporter.cli import main
 from exporter.sources.demo import DIRECTORY, TRAINED
 from exporter.pipeline.recipes import RECIPES_DIR
 from exporter.sources.training.world import CITIES
-from runtime import Session, UserError
+from runtime import Session
 from runtime.evaluation import METRICS, evaluate, read_examples
 from runtime.manifest import Manifest
 

@@ -31,7 +31,7 @@ OPSET = 20  # LayerNormalization (17) and Gelu (20) stay single ops, which Tenso
 # (size-1 axes get specialized to constants).
 # Weights over this (256 MiB) go to NAME.onnx.data: protobuf cannot hold over 2 GB at all, and external data
 # is written tensor by tensor instead of as one whole serialized model (the 345M export peaks 3.8 GB lower).
-# Other modules read it here (onnx_export.EXTERNAL_DATA_OVER), so one patch moves it everywhere.
+# Other modules read it here (to_onnx.EXTERNAL_DATA_OVER), so one patch moves it everywhere.
 EXTERNAL_DATA_OVER = 2**28
 EXPORT_SIZES = {"batch": 2, "choices": 3, "sequence": 7, "past_sequence": 5, "total_sequence": 12}
 
