@@ -127,7 +127,7 @@ def test_cli_builds_a_split_checkpoint_to_the_same_graph_outputs(reference, hf_f
     """A 2 x 2 folder of iteration 1000 and a 4-way zip, built by the CLI: outputs identical to the unsplit one's."""
     flat = flat_megatron(reference, 3.0)
     torch.save({"model": nest(flat), "args": megatron_args(), "checkpoint_version": 3.0}, tmp_path / "whole.pt")
-    folder = write_split(tmp_path / "folder", flat, megatron_args(2, 2), 3.0, 2, 2, iteration=1000)
+    write_split(tmp_path / "folder", flat, megatron_args(2, 2), 3.0, 2, 2, iteration=1000)
     zipped = write_split(tmp_path / "zipped", flat_megatron(reference, 1.0), megatron_args(4), 1.0, 4, 1)
     with zipfile.ZipFile(tmp_path / "zipped.zip", "w") as archive:
         for file in zipped.rglob("*"):

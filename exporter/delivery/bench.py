@@ -158,7 +158,7 @@ def bench_encoder(path: Path, manifest: Manifest, batches: list[int], lengths: l
         for batch in batches:
             for length in lengths:
                 feed = feeds[batch, length]
-                times = timed(lambda: session.run(feed), warmup, iterations)
+                times = timed(partial(session.run, feed), warmup, iterations)
                 result = figures(manifest.name, session.precision, label, batch, length, times,
                                  int(feed["attention_mask"].sum()))
                 if expected:
