@@ -50,7 +50,7 @@ def main() -> int:
         out = str(args.out or scratch)
         command = [sys.executable, "-m", "exporter", "build", "--head", args.head, "--precision", args.precision,
                    "--checkpoint", f"random:{config_file}",
-                   "--tokenizer", str(ROOT / "exporter" / "demo" / "vocab.txt"), "--out", out,
+                   "--tokenizer", str(ROOT / "exporter" / "sources" / "demo" / "vocab.txt"), "--out", out,
                    "--max-batch", args.max_batch, "--max-sequence", args.max_sequence,
                    "--eval-data", "none",  # random weights: no task to measure; the export's cost is the point
                    *(f"--keep-float={pattern}" for pattern in args.keep_float),

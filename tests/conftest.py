@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from exporter.sources import demo
 from runtime.heads import HEADS as SPECS
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_VOCAB = Path(__file__).resolve().parent.parent / "exporter" / "demo" / "vocab.txt"
+DEMO_VOCAB = demo.VOCAB
 
 HEADS = list(SPECS)  # every head the runtime declares
 

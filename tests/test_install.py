@@ -45,7 +45,7 @@ def test_the_installed_wheel_holds_recipes_data_and_demo(installed):
     assert (installed / "recipes" / "qa.toml").is_file()
     assert (installed / "recipes" / "data" / "eval" / "qa.jsonl").is_file()
     assert (installed / "recipes" / "data" / "calibration" / "qa.jsonl").is_file()
-    assert (installed / "exporter" / "demo" / "qa" / "model.safetensors").is_file()
+    assert (installed / "exporter" / "sources" / "demo" / "qa" / "model.safetensors").is_file()
 
 
 def test_a_non_editable_install_builds_the_readme_artifact(installed, tmp_path):

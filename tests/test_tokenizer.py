@@ -2,14 +2,14 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
+from exporter.sources import demo
 from runtime.errors import UserError
 from runtime.tokenizer import load_tokenizer
 
-DEMO_VOCAB = Path(__file__).parents[1] / "exporter" / "demo" / "vocab.txt"
+DEMO_VOCAB = demo.VOCAB
 QUESTION, CONTEXT = "Who won the Nobel Prize?", "Marie Curie won it in 1903."
 
 
