@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -129,9 +130,14 @@ def tiny_limits(head: str) -> dict[str, int]:
 
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory):
-    """OpenVINO's compiled models and backend="auto"'s choices in the test run's own folder, not ~/.cache."""
+    """Exported graphs, OpenVINO's compiled models and backend="auto"'s choices in the test run's own
+    folder, not ~/.cache; shared by the run's processes (pytest-xdist's workers), so that a graph one of
+    them exported is not exported again by another."""
     before = os.environ.get("MEGATRON_DEPLOY_CACHE")
-    os.environ["MEGATRON_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["MEGATRON_DEPLOY_CACHE"] = str(cache)
     yield
     if before is None:
         del os.environ["MEGATRON_DEPLOY_CACHE"]
@@ -179,14 +185,17 @@ def serving_python() -> Path:
     key = hashlib.sha256(f"{ROOT}\n{(ROOT / 'pyproject.toml').read_text()}".encode()).hexdigest()[:12]
     environment = Path.home() / ".cache" / "megatron-deploy" / f"serve-env-{key}"
     python = environment / "bin" / "python"
-    if not (environment / "complete").exists():
-        shutil.rmtree(environment, ignore_errors=True)
-        # System site packages: the runtime's own requirements come from this environment; the serve
-        # extra's numpy<2 shadows its numpy.
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(environment)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "-e", f"{ROOT}[serve]"], check=True)
-        (environment / "complete").touch()
+    environment.parent.mkdir(parents=True, exist_ok=True)
+    with open(environment.parent / f"{environment.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one test process makes it; the others wait, then use it
+        if not (environment / "complete").exists():
+            shutil.rmtree(environment, ignore_errors=True)
+            # System site packages: the runtime's own requirements come from this environment; the serve
+            # extra's numpy<2 shadows its numpy.
+            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(environment)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                            "-e", f"{ROOT}[serve]"], check=True)
+            (environment / "complete").touch()
     return python
 
 

@@ -35,7 +35,9 @@ def test_bench_encoder_vs_pytorch(built, tmp_path, capsys):
     for row in rows:
         assert row["p50_ms"] > 0 and row["sequences_per_s"] > 0 and row["peak_rss_mib"] > 0
         assert (row["speedup"] is None) == (row["backend"] == "pytorch eager")
-        assert row["cosine"] is None if row["backend"] == "pytorch eager" else row["cosine"] > 0.99999
+        # OpenVINO computes in bf16 on a CPU with native bf16: held to the bf16 tolerance
+        floor = 0.998 if row["precision"] == "bf16" else 0.99999
+        assert row["cosine"] is None if row["backend"] == "pytorch eager" else row["cosine"] > floor, row
     assert "cos vs pt" in printed and f"({', '.join(machine['cpu_flags'])}; " in printed  # the CPU's flags
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# One test process runs this module (pytest-xdist), so that its installed wheel is made once.
+pytestmark = pytest.mark.xdist_group("test_install")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -22,6 +22,9 @@ from exporter.cli import main
 from runtime.manifest import Manifest
 from tests.test_megatron_checkpoint import megatron_state
 
+# One test process runs this module (pytest-xdist), so that its reference model and checkpoint folder are made once.
+pytestmark = pytest.mark.xdist_group("test_megatron_parallel")
+
 CONFIG = CONFIGS["tiny"]  # 4 heads, 2 layers, intermediate 64, vocabulary 128
 HEADS = CONFIG["num_attention_heads"]
 

@@ -20,6 +20,9 @@ from exporter.pipeline.publish import publish, staging_folder
 from runtime import Session
 from runtime.manifest import Manifest
 
+# One test process runs this module (pytest-xdist), so that its builds of one name are made once.
+pytestmark = pytest.mark.xdist_group("test_publish")
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(head="qa", checkpoint="demo-random", max_batch=2, max_sequence=16, eval_data="none", name="art")
 # The same name as a causal LM: other files (art.prefill.onnx, art.decode.onnx instead of art.onnx)

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+# One test process runs this module (pytest-xdist), so that its served artifact is made once.
+pytestmark = pytest.mark.xdist_group("test_readme")
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(?:<!-- readme-test: (\w+) -->\n)?```(python|bash)\n(.*?)```", flags=re.S)

@@ -20,6 +20,9 @@ from runtime import Session
 from runtime.evaluation import METRICS, evaluate, read_examples
 from runtime.manifest import Manifest
 
+# One test process runs this module (pytest-xdist), so that its build-all over the trained demo is made once.
+pytestmark = pytest.mark.xdist_group("test_task_accuracy")
+
 # What the trained demo must reach at fp32 on its held-out sets (issue 13).
 FP32_FLOORS = {"qa": 80.0, "sequence-classification": 90.0, "nsp": 90.0, "token-classification": 85.0,
                "mlm": 50.0, "pretraining": 50.0}

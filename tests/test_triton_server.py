@@ -29,6 +29,9 @@ from exporter.cli import main
 from exporter.delivery.serve import free_port
 from runtime import Session
 
+# One test process runs this module (pytest-xdist), so that its server starts once.
+pytestmark = pytest.mark.xdist_group("test_triton_server")
+
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# One test process runs this module (pytest-xdist), so that its tensorrt-stubs are unpacked once.
+pytestmark = pytest.mark.xdist_group("test_types")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
