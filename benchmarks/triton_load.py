@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime import Session  # noqa: E402
 from exporter.delivery.serve import free_port  # noqa: E402
+from exporter.delivery.triton import infer_inputs  # noqa: E402
 from runtime.machine import describe  # noqa: E402
 
 
@@ -96,12 +97,7 @@ def grpc_call(url: str, model: str, feed: dict[str, np.ndarray], output: str) ->
     def call() -> np.ndarray:
         if not hasattr(local, "client"):
             local.client = grpcclient.InferenceServerClient(url)
-        inputs = []
-        for name, value in feed.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        return local.client.infer(model, inputs).as_numpy(output)
+        return local.client.infer(model, infer_inputs(grpcclient, feed)).as_numpy(output)
 
     return call
 

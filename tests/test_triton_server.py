@@ -27,6 +27,7 @@ import pytest
 from conftest import assert_same_result
 from exporter.cli import main
 from exporter.delivery.serve import free_port
+from exporter.delivery.triton import infer_inputs
 from runtime import Session
 
 # One test process runs this module (pytest-xdist), so that its server starts once.
@@ -121,13 +122,7 @@ def server(serving_python, built, tmp_path_factory):
 
 def infer(module, url: str, model: str, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
     client = module.InferenceServerClient(url)
-    inputs = []
-    for name, value in feed.items():
-        tensor = module.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else
-                                   {"int64": "INT64", "int32": "INT32", "float32": "FP32"}[str(value.dtype)])
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    result = client.infer(model, inputs, outputs=[module.InferRequestedOutput(n) for n in outputs])
+    result = client.infer(model, infer_inputs(module, feed), outputs=[module.InferRequestedOutput(n) for n in outputs])
     return {name: result.as_numpy(name) for name in outputs}
 
 
@@ -279,13 +274,8 @@ def test_many_clients_batched_together_all_get_their_own_answer(server, built):
         connection = httpclient.InferenceServerClient(server.http)
         for n in range(200):
             which = (index + n) % len(feeds)
-            inputs = []
-            for name, value in feeds[which].items():
-                tensor = httpclient.InferInput(name, list(value.shape), "INT64")
-                tensor.set_data_from_numpy(value)
-                inputs.append(tensor)
             try:
-                got = connection.infer("qa", inputs).as_numpy("start_logits")
+                got = connection.infer("qa", infer_inputs(httpclient, feeds[which])).as_numpy("start_logits")
             except InferenceServerException as err:
                 problems.append(f"error: {err}")
                 continue
@@ -346,13 +336,8 @@ def under_load(server: Server, feed: dict[str, np.ndarray], expected: np.ndarray
     def client() -> None:
         connection = httpclient.InferenceServerClient(server.http, connection_timeout=5, network_timeout=5)
         while not stop.is_set():
-            inputs = []
-            for name, value in feed.items():
-                tensor = httpclient.InferInput(name, list(value.shape), "INT64")
-                tensor.set_data_from_numpy(value)
-                inputs.append(tensor)
             try:
-                got = connection.infer("qa", inputs).as_numpy("start_logits")
+                got = connection.infer("qa", infer_inputs(httpclient, feed)).as_numpy("start_logits")
                 outcomes["right" if np.allclose(got, expected, rtol=1e-4, atol=1e-5) else "wrong"] += 1
             except Exception:  # noqa: BLE001 - a refused or cut connection, whatever the client library raises
                 outcomes["error"] += 1

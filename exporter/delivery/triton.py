@@ -20,11 +20,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from runtime.errors import UserError
 from runtime.manifest import Manifest
-from runtime.pinned import verify
-from runtime.pinned import find_manifest
+from runtime.pinned import find_manifest, verify
 
 DATA_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 QUEUE_DELAY_US = 100
@@ -208,3 +210,15 @@ def write_repository(artifacts: list[Path], out: Path, options: RepositoryOption
         if options.with_tokenizer:
             written.append(write_text_model(manifest_path, manifest, out, options))
     return written
+
+
+def infer_inputs(client: Any, feed: dict[str, np.ndarray]) -> list[Any]:
+    """A request's inputs for tritonclient (`client`: tritonclient.http or tritonclient.grpc) from named
+    arrays: int and float tensors by their numpy type, object arrays as BYTES (a text model's REQUEST)."""
+    inputs = []
+    for name, value in feed.items():
+        datatype = "BYTES" if value.dtype == object else DATA_TYPES[str(value.dtype)].removeprefix("TYPE_")
+        tensor = client.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
