@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -152,30 +154,56 @@ def hf_checkpoints(tmp_path_factory):
     return {head: (root / head, save_hf(head, root / head)) for head in HEADS}
 
 
-def build_all(checkpoints, out, precision: str = "fp32") -> dict:
-    """Every head built at `precision`: head -> (manifest path, HF model)."""
+def shared_folder(tmp_path_factory, name: str, make: Callable[[Path], Any]) -> Path:
+    """A folder that `make` fills once per test run, for tests to read: under pytest-xdist, the first
+    test process to ask makes it while the others wait for it, then all of them use it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # the run's, above each process's own
+    folder, complete = root / name, root / f"{name}.complete"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            complete.touch()
+    return folder
+
+
+def build_all(checkpoints, out: Path, precision: str) -> None:
+    """Every head built at `precision` into `out` (its manifest: out/HEAD.json)."""
     from exporter.pipeline.build import BuildOptions, build
 
-    # Random weights: their task metrics mean nothing, so these artifacts are judged by their logits.
-    return {head: (build(BuildOptions(head=head, checkpoint=str(directory), out=out, precision=precision,
-                                      eval_data="none", **tiny_limits(head)), log=lambda message: None), model)
-            for head, (directory, model) in checkpoints.items()}
+    for head, (directory, _) in checkpoints.items():
+        # Random weights: their task metrics mean nothing, so these artifacts are judged by their logits.
+        build(BuildOptions(head=head, checkpoint=str(directory), out=out, precision=precision, eval_data="none",
+                           **tiny_limits(head)), log=lambda message: None)
+
+
+def built_at(precision: str, checkpoints, tmp_path_factory) -> dict:
+    """Every head of the tiny config built at `precision` from its transformers checkpoint, once per test
+    run: head -> (manifest path, HF model)."""
+    out = shared_folder(tmp_path_factory, f"built-{precision}", lambda folder: build_all(checkpoints, folder, precision))
+    return {head: (out / f"{head}.json", model) for head, (_, model) in checkpoints.items()}
 
 
 @pytest.fixture(scope="session")
 def built(hf_checkpoints, tmp_path_factory):
     """Every head of the tiny config exported from a transformers checkpoint: head -> (manifest, HF model)."""
-    return build_all(hf_checkpoints, tmp_path_factory.mktemp("built"))
+    return built_at("fp32", hf_checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def built_int8(hf_checkpoints, tmp_path_factory):
-    return build_all(hf_checkpoints, tmp_path_factory.mktemp("int8"), "int8")
+    return built_at("int8", hf_checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def built_fp16(hf_checkpoints, tmp_path_factory):
-    return build_all(hf_checkpoints, tmp_path_factory.mktemp("fp16"), "fp16")
+    return built_at("fp16", hf_checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

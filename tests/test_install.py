@@ -9,6 +9,7 @@ import shutil
 import site
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def resolved(extras: str) -> dict[str, str]:
 
 
 def test_the_test_extra_downgrades_nothing_the_export_extra_installs():
-    export, test = resolved("export"), resolved("test")
+    with ThreadPoolExecutor(2) as pool:  # two resolutions, each mostly waiting on the package index
+        export, test = pool.map(resolved, ("export", "test"))
     changed = {name: (version, test[name]) for name, version in export.items() if test.get(name, version) != version}
     assert not changed, f"[test] changes what [export] installs: {changed}"

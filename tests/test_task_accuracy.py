@@ -36,14 +36,17 @@ def quiet(_: str) -> None:
 @pytest.fixture(scope="session")
 def demo_builds(tmp_path_factory):
     """`build-all` over every head at fp32, fp16 and int8 with the default (trained) demo."""
-    out = tmp_path_factory.mktemp("demo-all")
-    ok = build_all(RECIPES_DIR, None, ["fp32", "fp16", "int8"], out, "auto", quiet)
-    return ok, out, json.loads((out / "index.json").read_text())
+    out, said = tmp_path_factory.mktemp("demo-all"), []
+    ok = build_all(RECIPES_DIR, None, ["fp32", "fp16", "int8"], out, "auto", said.append)
+    return ok, out, json.loads((out / "index.json").read_text()), said
 
 
 def test_build_all_over_the_trained_demo_exits_0_with_a_task_metric_in_every_manifest(demo_builds):
-    ok, out, index = demo_builds
+    ok, out, index, said = demo_builds
     assert ok, [entry.get("error") for entry in index["artifacts"] if not entry.get("passed")]
+    # PyTorch's task metric measured once per head, for all three precisions (exports: test_build_all.py)
+    assert sum(line == "  taken from an earlier build of the same weights and examples" for line in said) == 18
+    assert sum(line.startswith("- PyTorch fp32's task accuracy") for line in said) == 27
     for head in HEADS:
         for precision in ("fp32", "fp16", "int8"):
             manifest = Manifest.load(out / f"{head}-{precision}.json")
@@ -57,7 +60,7 @@ def test_build_all_over_the_trained_demo_exits_0_with_a_task_metric_in_every_man
 
 @pytest.mark.parametrize("head", list(FP32_FLOORS))
 def test_trained_demo_fp32_metrics_are_real(demo_builds, head):
-    _, out, _ = demo_builds
+    _, out, _, _ = demo_builds
     accuracy = Manifest.load(out / f"{head}-fp32.json").accuracy
     assert accuracy["results"]["pytorch fp32"][accuracy["metric"]] >= FP32_FLOORS[head]
     assert accuracy["results"]["onnxruntime"][accuracy["metric"]] >= FP32_FLOORS[head]
@@ -65,7 +68,7 @@ def test_trained_demo_fp32_metrics_are_real(demo_builds, head):
 
 @pytest.mark.parametrize("head", HEADS)
 def test_int8_is_within_its_bound_of_fp32_on_every_head(demo_builds, head):
-    _, out, _ = demo_builds
+    _, out, _, _ = demo_builds
     accuracy = Manifest.load(out / f"{head}-int8.json").accuracy
     reference = accuracy["results"]["pytorch fp32"][accuracy["metric"]]
     for form in ("onnxruntime", "onnxruntime q/dq"):
@@ -73,7 +76,7 @@ def test_int8_is_within_its_bound_of_fp32_on_every_head(demo_builds, head):
 
 
 def test_the_readme_answer_and_words_from_generate(demo_builds):
-    _, out, _ = demo_builds
+    _, out, _, _ = demo_builds
     qa = Session(out / "qa-int8.json")
     assert qa.answer("Who wrote it?", "It was written by Ada in 1843.")["answer"] == "Ada"
     lm = Session(out / "causal-lm-fp32.json")
@@ -84,7 +87,7 @@ def test_the_readme_answer_and_words_from_generate(demo_builds):
 
 
 def test_bench_prints_the_task_metric_beside_latency(demo_builds, capsys):
-    _, out, _ = demo_builds
+    _, out, _, _ = demo_builds
     assert main(["bench", str(out / "qa-int8.json"), "--seq", "32", "--iterations", "2", "--warmup", "1"]) == 0
     printed = capsys.readouterr().out
     expected = Manifest.load(out / "qa-int8.json").accuracy["results"]["onnxruntime"]["exact_match"]
@@ -157,7 +160,7 @@ def test_a_bad_evaluation_set_exits_2_naming_the_file_and_field(tmp_path, capsys
 
 
 def test_an_example_without_a_findable_answer_counts_as_wrong_not_skipped(demo_builds, tmp_path):
-    _, out, _ = demo_builds
+    _, out, _, _ = demo_builds
     data = tmp_path / "eval.jsonl"
     rows = [{"question": "Who wrote it?", "context": "It was written by Ada in 1843.", "answers": ["Ada"]},
             {"question": "Who wrote it?", "context": "It was written by Ada in 1843.", "answers": ["Grace"]}]

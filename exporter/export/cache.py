@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxscript
@@ -52,11 +53,16 @@ def key(model: torch.nn.Module, spec: HeadSpec, graph: str, config: MegatronBert
                  "config": config.to_hf_dict(), "settings": settings, "file": file_name,
                  "versions": [torch.__version__, onnx.__version__, onnxscript.__version__]}
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    add_weights(digest, model)
+    return digest.hexdigest()
+
+
+def add_weights(digest: Any, model: torch.nn.Module) -> None:
+    """Every weight's name, type, shape and bytes into `digest` (a hashlib object)."""
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         if tensor.numel():  # the weights' own memory, not a copy (a large model's would not fit twice)
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def exported(entry_key: str, path: Path, export: Callable[[Path], list[Path]]) -> list[Path]:

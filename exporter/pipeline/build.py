@@ -46,7 +46,7 @@ from runtime.tokenizer import load_tokenizer
 
 from exporter.precision import calibration
 from exporter.sources import checkpoints, demo
-from exporter.validation.task_metric import REFERENCE, Evaluation, TorchBackend, evaluation_for
+from exporter.validation.task_metric import Evaluation, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.export.to_onnx import export_graph, written
@@ -291,8 +291,9 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
             export_graph(loaded.model, spec, graph, config, path)
     context.tokenizer.save(str(staging / manifest.tokenizer["file"]))
     if evaluation:
-        with step(log, f"measuring PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
-            evaluation.measure(REFERENCE, manifest, staging, TorchBackend(loaded.model))
+        with step(log, f"PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
+            if not evaluation.measure_reference(loaded.model, manifest, staging):
+                log("  taken from an earlier build of the same weights and examples")
     with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
         context.cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
     # Free its weights before anything else loads a copy (converter, quantizer, ONNX Runtime): the
