@@ -46,14 +46,20 @@ def test_each_stage_package_says_what_it_holds_and_what_it_may_import() -> None:
         assert doc and "may import" in doc.lower(), f"{folder}__init__.py must say what the package holds and may import"
 
 
-def exporter_imports(module: Path) -> set[str]:
-    """The exporter packages or top-level modules `module` imports (`exporter.pipeline.build` -> pipeline)."""
+def imported(module: Path) -> set[str]:
+    """The modules `module` imports by absolute name, wherever in it (`from a.b import c` -> a.b)."""
     found = set()
     for node in ast.walk(ast.parse(module.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
-        found |= {name.split(".")[1] for name in names if name.startswith("exporter.")}
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
     return found
+
+
+def exporter_imports(module: Path) -> set[str]:
+    """The exporter packages or top-level modules `module` imports (`exporter.pipeline.build` -> pipeline)."""
+    return {name.split(".")[1] for name in imported(module) if name.startswith("exporter.")}
 
 
 def test_each_stage_imports_only_the_stages_its_row_allows() -> None:
@@ -72,3 +78,9 @@ def test_the_import_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("from exporter.pipeline.build import build\nimport exporter.delivery.serve\nfrom . import x\n")
     assert exporter_imports(module) == {"pipeline", "delivery"}
+
+
+def test_runtime_imports_neither_the_exporter_nor_torch() -> None:
+    for module in (ROOT / "runtime").glob("*.py"):
+        wrong = sorted(n for n in imported(module) if n.split(".")[0] in ("exporter", "torch", "transformers"))
+        assert not wrong, f"{module.relative_to(ROOT)} imports {wrong}: production machines have no torch"
