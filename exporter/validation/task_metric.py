@@ -31,7 +31,7 @@ REFERENCE = "pytorch fp32"
 # PyTorch fp32's scores and predictions by what they were measured on (weights, artifact description,
 # tokenizer, examples), kept for this process: the precisions of one head in build-all share them (at
 # 345M, PyTorch takes about two minutes over the 200 qa examples).
-_REFERENCE_RUNS: dict[str, tuple[Scores, list[Any]]] = {}
+_REFERENCE_RUNS: dict[str, tuple[Scores, list[Any] | None]] = {}
 
 
 class TorchBackend:
