@@ -46,7 +46,7 @@ from runtime.tokenizer import load_tokenizer
 
 from exporter.precision import calibration
 from exporter.sources import checkpoints, demo
-from exporter.validation.task_metric import Evaluation, evaluation_for
+from exporter.validation.task_metric import REFERENCE, Evaluation, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.export.to_onnx import export_graph, written
@@ -318,8 +318,13 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
     measured = check_forms(context, forms)
     stopped: list[str] = []
     if int8 is not None and evaluation is not None and required_problems(forms, measured, evaluation):
-        measured, stopped = int8.repair(evaluation, lambda: check_forms(context, forms), measured,
+        # Each repair step measures the forms that decide; OpenVINO's are measured once, on what it left
+        required, optional = [f for f in forms if f.required], [f for f in forms if not f.required]
+        measured, stopped = int8.repair(evaluation, lambda: check_forms(context, required), measured,
                                         lambda again: required_problems(forms, again, evaluation))
+        if optional:
+            results, accuracy = check_forms(context, optional)
+            measured = (measured[0] + results, {**measured[1], **accuracy})
     problems = required_problems(forms, measured, evaluation) + stopped
     verdicts = {form.name: not form_problems(form, measured, evaluation) for form in forms}
     for form in (f for f in forms if not f.required and not verdicts[f.name]):
@@ -538,8 +543,9 @@ class Int8:
 
         def note(layer: str | None) -> None:
             self.record["repair"].append({"kept_float": list(kept), "float_products": total - len(chosen_nodes(fp32, kept)),
-                                          "metric": {form: scores[evaluation.metric]
-                                                     for form, scores in evaluation.results.items()}})
+                                          "metric": {form: scores[evaluation.metric]  # the forms this step measured
+                                                     for form, scores in evaluation.results.items()
+                                                     if form == REFERENCE or form in measured[1]}})
             if layer:
                 self.record["repaired_layers"].append(layer)
 
