@@ -130,6 +130,16 @@ def tiny_limits(head: str) -> dict[str, int]:
     return limits
 
 
+# The modules with the longest fixtures of their own run first (pytest-xdist hands them to different test
+# processes): the build-all over the trained demo and the served artifacts then overlap everything else,
+# and no process waits at the end for a long module that started last.
+FIRST = ("test_task_accuracy.py", "test_triton_server.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory):
     """Exported graphs, OpenVINO's compiled models and backend="auto"'s choices in the test run's own
