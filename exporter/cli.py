@@ -26,6 +26,36 @@ from exporter.tensorrt.engine import EngineOptions
 from exporter.delivery.triton import QUEUE_DELAY_US
 
 
+# Each command's one-line help (in `--help`'s list) and its description (in `COMMAND --help`)
+COMMANDS = {
+    "build": ("export, validate and write one artifact",
+              "Export one head of a checkpoint to ONNX, validate it against the reference PyTorch head, and "
+              "write NAME.onnx, NAME.tokenizer.json and the manifest NAME.json into --out. Defaults come from "
+              "recipes/HEAD.toml."),
+    "bench": ("latency, throughput and memory of artifacts, beside PyTorch",
+              "Time artifacts through runtime.Session on every backend this machine has, on random inputs; with "
+              "--vs-pytorch, the reference PyTorch head too."),
+    "build-all": ("build every head x precision of a recipe set, with an index",
+              "Build HEAD-PRECISION artifacts for every recipe in --recipes, continuing past failures; write "
+              "OUT/index.json; skip artifacts whose inputs are unchanged. Exit 1 if any failed."),
+    "triton": ("write artifacts as a Triton model repository",
+              "Write <model>/config.pbtxt and <model>/1/model.plan|model.onnx per graph."),
+    "serve": ("start a Triton Inference Server on artifacts (needs .[serve])",
+              "Start the Triton server of nvidia-pytriton on a repository of these artifacts (Python-backend "
+              "models running runtime.Session, NAME-text included), wait until it is ready and print its "
+              "endpoints. Ctrl-C or SIGTERM stops it; in-flight requests finish first."),
+    "verify": ("check artifacts on the machine that will serve them",
+              "Re-check file hashes, that TensorRT engines match this machine's TensorRT and GPU, and run a "
+              "smoke inference. Exit 0: all good; 1: something is wrong."),
+    "sign": ("sign artifacts with an elliptic-curve private key (OpenSSF model-signing)",
+              "Write NAME.sig beside each artifact's manifest: a signature of the manifest and every file it "
+              "lists. Check with verify --public-key or runtime.Session(..., public_key=...)."),
+    "heads": ("list the heads with their inputs and outputs",
+              "List the nine heads this tool builds, each with its graphs' inputs and outputs (dynamic axes by "
+              "name), as the manifests declare them."),
+}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -39,17 +69,16 @@ def parser() -> Parser:
     commands = top.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
                                   help="one of the commands below; COMMAND --help for its options")
 
-    b = commands.add_parser("build", help="export, validate and write one artifact",
-                            description="Export one head of a checkpoint to ONNX, validate it against the "
-                            "reference PyTorch head, and write NAME.onnx, NAME.tokenizer.json and the manifest "
-                            "NAME.json into --out. Defaults come from recipes/HEAD.toml.")
+    def command(name: str) -> argparse.ArgumentParser:
+        short, long = COMMANDS[name]
+        return commands.add_parser(name, help=short, description=long)
+
+    b = command("build")
     groups = {"int8": b.add_argument_group("int8"), "TensorRT": b.add_argument_group("TensorRT")}
     for declared in (BuildOptions, EngineOptions):
         add_arguments(b, declared, groups)
 
-    m = commands.add_parser("bench", help="latency, throughput and memory of artifacts, beside PyTorch",
-                            description="Time artifacts through runtime.Session on every backend this machine "
-                            "has, on random inputs; with --vs-pytorch, the reference PyTorch head too.")
+    m = command("bench")
     m.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help="a manifest, .onnx or .plan")
     m.add_argument("--batch", type=sizes, default=[1], metavar="N,N", help="batch sizes (default: 1)")
     m.add_argument("--seq", type=sizes, metavar="N,N", help="sequence lengths; prompt lengths for a causal LM "
@@ -63,10 +92,7 @@ def parser() -> Parser:
     m.add_argument("--plot", type=Path, metavar="FILE.png", help="draw p50 latency (ms) against sequence length "
                    "(tokens), titled with the CPU (needs .[bench]: matplotlib)")
 
-    a = commands.add_parser("build-all", help="build every head x precision of a recipe set, with an index",
-                            description="Build HEAD-PRECISION artifacts for every recipe in --recipes, continuing "
-                            "past failures; write OUT/index.json; skip artifacts whose inputs are unchanged. "
-                            "Exit 1 if any failed.")
+    a = command("build-all")
     a.add_argument("--recipes", type=Path, default=RECIPES_DIR, metavar="DIR", help="default: recipes/")
     a.add_argument("--heads", type=names, metavar="H,H", help="only these heads (default: every recipe's)")
     a.add_argument("--precisions", type=names, default=list(PRECISIONS), metavar="P,P",
@@ -75,8 +101,7 @@ def parser() -> Parser:
                    help="where the artifacts and their index.json go")
     a.add_argument("--backend", choices=BUILD_BACKENDS, default="auto", help="as for build (default: auto)")
 
-    r = commands.add_parser("triton", help="write artifacts as a Triton model repository",
-                            description="Write <model>/config.pbtxt and <model>/1/model.plan|model.onnx per graph.")
+    r = command("triton")
     r.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
                    help="an artifact's manifest (NAME.json) or graph (NAME.onnx)")
     r.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model repository")
@@ -88,11 +113,7 @@ def parser() -> Parser:
                    "Triton's Python backend, for servers without its ONNX Runtime or TensorRT backends")
     batching_arguments(r)
 
-    s = commands.add_parser("serve", help="start a Triton Inference Server on artifacts (needs .[serve])",
-                            description="Start the Triton server of nvidia-pytriton on a repository of these "
-                            "artifacts (Python-backend models running runtime.Session, NAME-text included), wait "
-                            "until it is ready and print its endpoints. Ctrl-C or SIGTERM stops it; in-flight "
-                            "requests finish first.")
+    s = command("serve")
     s.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
                    help="an artifact's manifest (NAME.json) or graph (NAME.onnx) to serve")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -105,25 +126,18 @@ def parser() -> Parser:
                    f"(default: {MAX_REQUEST_BYTES})")
     batching_arguments(s)
 
-    v = commands.add_parser("verify", help="check artifacts on the machine that will serve them",
-                            description="Re-check file hashes, that TensorRT engines match this machine's TensorRT "
-                            "and GPU, and run a smoke inference. Exit 0: all good; 1: something is wrong.")
+    v = command("verify")
     v.add_argument("target", type=Path, metavar="DIR|ARTIFACT", help="a directory of artifacts, or one artifact")
     v.add_argument("--public-key", type=Path, metavar="PUB", help="also require each artifact's signature "
                    "(NAME.sig) by this elliptic-curve public key (PEM; needs .[sign])")
 
-    g = commands.add_parser("sign", help="sign artifacts with an elliptic-curve private key (OpenSSF model-signing)",
-                            description="Write NAME.sig beside each artifact's manifest: a signature of the "
-                            "manifest and every file it lists. Check with verify --public-key or "
-                            "runtime.Session(..., public_key=...).")
+    g = command("sign")
     g.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT", help="a manifest, .onnx or .plan")
     g.add_argument("--key", type=Path, required=True, metavar="KEY", help="the private key (PEM)")
     g.add_argument("--password-env", metavar="VAR", help="the environment variable holding the key's password, "
                    "if it is encrypted")
 
-    commands.add_parser("heads", help="list the heads with their inputs and outputs",
-                        description="List the nine heads this tool builds, each with its graphs' inputs and "
-                        "outputs (dynamic axes by name), as the manifests declare them.")
+    command("heads")
     return top
 
 

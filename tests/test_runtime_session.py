@@ -53,13 +53,18 @@ def test_opens_from_manifest_or_model_file(built):
     (lambda f: f.update({k: np.tile(v, (3, 1)) for k, v in f.items()}), "batch of 6 is outside"),
 ])
 def test_bad_raw_inputs_are_clear_errors_and_the_session_stays_usable(built, change, message):
-    session = Session(built["qa"][0])
     feed = qa_inputs()
     change(feed)
+    refused_and_still_usable(Session(built["qa"][0]), feed, message)
+
+
+def refused_and_still_usable(session: Session, feed: dict, message: str) -> None:
+    """`feed` is refused with a UserError saying `message`, and the session answers the next good feed."""
     with pytest.raises(UserError) as err:
         session.run(feed)
     assert message in str(err.value)
-    assert session.run(qa_inputs())["end_logits"].shape == (2, 12)
+    outputs = session.run(qa_inputs())
+    assert outputs["start_logits"].shape == outputs["end_logits"].shape == (2, 12)
 
 
 def test_bad_text_inputs(built):
