@@ -3,6 +3,7 @@ recipes, their evaluation and calibration data, and the demo checkpoints ship in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -65,8 +66,11 @@ def test_a_non_editable_install_builds_the_readme_artifact(installed, tmp_path):
 
 def resolved(extras: str) -> dict[str, str]:
     """What pip would install for `.[extras]` on a clean machine: name -> version (from the package index)."""
+    # The project's own metadata is read with the setuptools installed here, where there is one (an isolated
+    # build environment would fetch and install setuptools first, for the same metadata)
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     report = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--dry-run",
-                             "--ignore-installed", "--quiet", "--report", "-", f".[{extras}]"],
+                             "--ignore-installed", "--quiet", *isolation, "--report", "-", f".[{extras}]"],
                             cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     return {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
             for item in json.loads(report.stdout)["install"]}
