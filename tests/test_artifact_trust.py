@@ -128,14 +128,13 @@ def test_helper_arguments_are_typed_and_ranged(built, head, call, message):
 
 
 @pytest.mark.parametrize("name", ["qa.tokenizer", "index", "x.tokenizer", "qa.qdq"])
-def test_a_name_that_would_clash_or_is_reserved_is_refused(built, tmp_path, name):
+def test_a_name_that_would_clash_or_is_reserved_is_refused(built, tmp_path, capsys, name):
     copy_artifact(built["qa"][0], tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    result = subprocess.run([sys.executable, "-m", "exporter", "build", "--head", "nsp", "--name", name,
-                             "--out", str(tmp_path / "out"), "--eval-data", "none"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert name in result.stderr and ("clash" in result.stderr or "reserved" in result.stderr)
+    code = main(["build", "--head", "nsp", "--name", name, "--out", str(tmp_path / "out"), "--eval-data", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert name in err and ("clash" in err or "reserved" in err)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 

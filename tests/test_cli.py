@@ -25,6 +25,18 @@ def exporter(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m exporter ARGS` run by this test process (for errors found before any export, where a
+    process of its own would spend its time importing torch): the exit status and what it printed."""
+    capsys.readouterr()
+    try:
+        code = cli.main(list(args))
+    except SystemExit as stopped:  # argparse's refusals
+        code = stopped.code
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "exporter", *args], code, printed.out, printed.err)
+
+
 def visible(folder: Path) -> dict[str, bytes]:
     """The artifact files users see in `folder` (links into the hidden version folders), with contents."""
     return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()}
@@ -81,9 +93,10 @@ def test_help_names_every_option():
     (["--head", "qa", "--precision", "int8", "--keep-float", "nothing.*"], ["--keep-float", "matches no quantized layer"]),
     (["--head", "qa", "--name", "../elsewhere"], ["plain file name"]),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, words):
+    monkeypatch.chdir(ROOT)  # relative paths as from the project's folder
     out = tmp_path / "out"
-    assert_user_error(exporter("build", *args, "--out", str(out)), *words)
+    assert_user_error(in_process(capsys, "build", *args, "--out", str(out)), *words)
     assert not out.exists()
 
 
@@ -94,19 +107,19 @@ def test_a_bad_calibration_set_is_refused_before_any_work(tmp_path):
     assert "loading" not in result.stdout and "exporting" not in result.stdout
 
 
-def test_corrupt_checkpoint(tmp_path):
+def test_corrupt_checkpoint(tmp_path, capsys):
     save_hf("qa", tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "out"
-    assert_user_error(exporter("build", "--head", "qa", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)),
-                      "model.safetensors")
+    assert_user_error(in_process(capsys, "build", "--head", "qa", "--checkpoint", str(tmp_path / "ckpt"),
+                                 "--out", str(out)), "model.safetensors")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("out", ["/proc/megatron-artifacts", "{tmp}/a-file/artifacts"])
-def test_unwritable_output_dir(tmp_path, out):
+def test_unwritable_output_dir(tmp_path, capsys, out):
     (tmp_path / "a-file").write_text("")
-    assert_user_error(exporter("build", "--head", "qa", *SMALL, "--out", out.format(tmp=tmp_path)), "--out")
+    assert_user_error(in_process(capsys, "build", "--head", "qa", *SMALL, "--out", out.format(tmp=tmp_path)), "--out")
     assert os.listdir(tmp_path) == ["a-file"]
 
 
