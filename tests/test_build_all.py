@@ -18,23 +18,6 @@ def recipes(directory, failing=False):
     return directory
 
 
-def test_index_then_nothing_rebuilt(tmp_path, capsys):
-    args = ["build-all", "--recipes", str(recipes(tmp_path / "recipes")), "--precisions", "fp32,int8",
-            "--out", str(tmp_path / "out")]
-    assert main(args) == 0
-    index = json.loads((tmp_path / "out" / "index.json").read_text())["artifacts"]
-    assert {(e["name"], e["passed"], e["backend"]) for e in index} == {
-        (f"{h}-{p}", True, "onnxruntime") for h in ("nsp", "qa") for p in ("fp32", "int8")}
-    assert all((tmp_path / "out" / e["manifest"]).exists() and e["validation"]["passed"] for e in index)
-    capsys.readouterr()
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert out.count("unchanged since the last build, skipped") == 4 and "- exporting" not in out
-    (tmp_path / "recipes" / "qa.toml").write_text(SMALL.replace("[1, 8, 16]", "[8, 10, 16]"))  # qa changed
-    assert main(args) == 0
-    assert capsys.readouterr().out.count("skipped") == 2
-
-
 def test_a_failing_recipe_fails_the_run_but_not_the_others(tmp_path, capsys):
     args = ["build-all", "--recipes", str(recipes(tmp_path / "recipes", failing=True)), "--precisions", "fp32",
             "--out", str(tmp_path / "out")]
@@ -46,7 +29,8 @@ def test_a_failing_recipe_fails_the_run_but_not_the_others(tmp_path, capsys):
     assert "1 failed (base-fp32)" in capsys.readouterr().out
 
 
-def test_each_heads_graphs_are_exported_once_for_all_precisions(tmp_path, monkeypatch):
+def test_each_heads_graphs_are_exported_once_an_index_is_written_and_nothing_unchanged_is_rebuilt(
+        tmp_path, monkeypatch, capsys):
     from exporter.export import to_onnx
 
     monkeypatch.setenv("MEGATRON_DEPLOY_CACHE", str(tmp_path / "cache"))  # nothing kept from other tests
@@ -54,8 +38,18 @@ def test_each_heads_graphs_are_exported_once_for_all_precisions(tmp_path, monkey
     real = to_onnx._export
     monkeypatch.setattr(to_onnx, "_export", lambda model, spec, graph, config, path: exports.append(path.name)
                         or real(model, spec, graph, config, path))
-    assert main(["build-all", "--recipes", str(recipes(tmp_path / "recipes")), "--precisions", "fp32,fp16,int8",
-                 "--out", str(tmp_path / "out")]) == 0
+    args = ["build-all", "--recipes", str(recipes(tmp_path / "recipes")), "--precisions", "fp32,fp16,int8",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
     assert sorted(exports) == ["nsp-fp32.onnx", "qa-fp32.onnx"]  # fp16 and int8 start from the same graph
     index = json.loads((tmp_path / "out" / "index.json").read_text())["artifacts"]
-    assert len(index) == 6 and all(e["passed"] for e in index)
+    assert {(e["name"], e["passed"], e["backend"]) for e in index} == {
+        (f"{h}-{p}", True, "onnxruntime") for h in ("nsp", "qa") for p in ("fp32", "fp16", "int8")}
+    assert all((tmp_path / "out" / e["manifest"]).exists() and e["validation"]["passed"] for e in index)
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("unchanged since the last build, skipped") == 6 and "- exporting" not in out
+    (tmp_path / "recipes" / "qa.toml").write_text(SMALL.replace("[1, 8, 16]", "[8, 10, 16]"))  # qa changed
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("skipped") == 3
