@@ -21,11 +21,12 @@ Every metric also records each example's prediction, so another run can be compa
 
 from __future__ import annotations
 
+import copy
 import re
 import string
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,14 @@ import numpy as np
 from .errors import UserError
 from .files import json_lines
 from .heads import HEADS, field_problem, parse_field
+from .manifest import Manifest
 from .session import Session
 
 Example = dict[str, Any]
 Scores = dict[str, float]
+
+
+Each = Callable[[Example, Any], float]  # (example, its prediction) -> its value in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class Metric:
     names: tuple[str, ...]  # what it measures; the first is the default deciding metric
     # (session, examples, the reference's predictions or None) -> scores, predictions
     run: Callable[[Session, list[Example], list[Any] | None], tuple[Scores, list[Any]]]
+    # The metrics that are the mean of a value per example, predicted from that example alone: they can
+    # be scored part by part, and bounded before the last example (early stopping)
+    each: dict[str, Each] = field(default_factory=dict)
 
 
 # ---- the metrics --------------------------------------------------------------------------------
@@ -71,23 +79,35 @@ def percent(values: list[float] | list[bool]) -> float:
     return round(100.0 * float(np.mean(values)), 2) if values else 0.0
 
 
-def _qa(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
-    found = session.answer([e["question"] for e in examples], [e["context"] for e in examples])
-    predicted = [f["answer"] for f in found]
-    exact = [max(normalize(p) == normalize(a) for a in e["answers"]) for p, e in zip(predicted, examples)]
-    f1 = [max(token_f1(p, a) for a in e["answers"]) for p, e in zip(predicted, examples)]
-    return {"exact_match": percent(exact), "f1": percent(f1)}, predicted
+def means(each: dict[str, Each], examples: list[Example], predicted: list[Any]) -> Scores:
+    return {name: percent([value(e, p) for e, p in zip(examples, predicted)]) for name, value in each.items()}
 
 
-def _classification(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
+def _mean_metric(gold: tuple[str, ...], predict: Callable[[Session, list[Example]], list[Any]], each: dict[str, Each]
+                 ) -> Metric:
+    """A metric that is the mean of `each` over examples predicted one by one (in batches)."""
+    def run(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
+        predicted = predict(session, examples)
+        return means(each, examples, predicted), predicted
+    return Metric(gold, tuple(each), run, each)
+
+
+def _answers(session: Session, examples: list[Example]) -> list[Any]:
+    return [f["answer"] for f in session.answer([e["question"] for e in examples], [e["context"] for e in examples])]
+
+
+QA_EACH: dict[str, Each] = {
+    "exact_match": lambda e, p: float(max(normalize(p) == normalize(a) for a in e["answers"])),
+    "f1": lambda e, p: max(token_f1(p, a) for a in e["answers"])}
+
+
+def _labels(session: Session, examples: list[Example]) -> list[Any]:
     pairs = [e["text_pair"] for e in examples] if all("text_pair" in e for e in examples) else None
-    predicted = [r["label"] for r in session.classify([e["text"] for e in examples], pairs)]
-    return {"accuracy": percent([p == str(e["label"]) for p, e in zip(predicted, examples)])}, predicted
+    return [r["label"] for r in session.classify([e["text"] for e in examples], pairs)]
 
 
-def _nsp(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
-    predicted = [r["is_next"] for r in session.next_sentence([e["a"] for e in examples], [e["b"] for e in examples])]
-    return {"accuracy": percent([p == bool(e["is_next"]) for p, e in zip(predicted, examples)])}, predicted
+def _is_next(session: Session, examples: list[Example]) -> list[Any]:
+    return [r["is_next"] for r in session.next_sentence([e["a"] for e in examples], [e["b"] for e in examples])]
 
 
 def _entities(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
@@ -102,19 +122,17 @@ def _entities(session: Session, examples: list[Example], _: list[Any] | None) ->
     return {"entity_f1": round(100.0 * f1, 2)}, [[list(s) for s in spans] for spans in predicted]
 
 
-def _choice(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
-    predicted = [r["choice"] for r in session.choose([e["prompt"] for e in examples], [e["choices"] for e in examples])]
-    return {"accuracy": percent([p == int(e["label"]) for p, e in zip(predicted, examples)])}, predicted
+def _choices(session: Session, examples: list[Example]) -> list[Any]:
+    return [r["choice"] for r in session.choose([e["prompt"] for e in examples], [e["choices"] for e in examples])]
 
 
-def _masked(field: str) -> Callable[[Session, list[Example], list[Any] | None], tuple[Scores, list[Any]]]:
-    def run(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
-        texts = [e[field] for e in examples]
+def _masked(text_field: str) -> Metric:
+    def predict(session: Session, examples: list[Example]) -> list[Any]:
+        texts = [e[text_field] for e in examples]
         if any(t.count("[MASK]") != 1 for t in texts):
-            raise UserError(f"every {field!r} of a masked-word evaluation set must hold exactly one [MASK]")
-        predicted = [found[0]["token_str"] for found in session.fill_mask(texts, top_k=1)]
-        return {"top1": percent([p == e["answer"].lower() for p, e in zip(predicted, examples)])}, predicted
-    return run
+            raise UserError(f"every {text_field!r} of a masked-word evaluation set must hold exactly one [MASK]")
+        return [found[0]["token_str"] for found in session.fill_mask(texts, top_k=1)]
+    return _mean_metric(("answer",), predict, {"top1": lambda e, p: float(p == e["answer"].lower())})
 
 
 def _retrieval(session: Session, examples: list[Example], _: list[Any] | None) -> tuple[Scores, list[Any]]:
@@ -159,13 +177,13 @@ def _causal(session: Session, examples: list[Example], reference: list[Any] | No
 
 
 METRICS: dict[str, Metric] = {
-    "qa": Metric(("answers",), ("exact_match", "f1"), _qa),
-    "sequence-classification": Metric(("label",), ("accuracy",), _classification),
-    "nsp": Metric(("is_next",), ("accuracy",), _nsp),
+    "qa": _mean_metric(("answers",), _answers, QA_EACH),
+    "sequence-classification": _mean_metric(("label",), _labels, {"accuracy": lambda e, p: float(p == str(e["label"]))}),
+    "nsp": _mean_metric(("is_next",), _is_next, {"accuracy": lambda e, p: float(p == bool(e["is_next"]))}),
     "token-classification": Metric(("entities",), ("entity_f1",), _entities),
-    "multiple-choice": Metric(("label",), ("accuracy",), _choice),
-    "mlm": Metric(("answer",), ("top1",), _masked("text")),
-    "pretraining": Metric(("answer",), ("top1",), _masked("a")),
+    "multiple-choice": _mean_metric(("label",), _choices, {"accuracy": lambda e, p: float(p == int(e["label"]))}),
+    "mlm": _masked("text"),
+    "pretraining": _masked("a"),
     "base": Metric(("match",), ("retrieval_top1",), _retrieval),
     "causal-lm": Metric((), ("next_token_accuracy", "greedy_match"), _causal),
 }
@@ -196,6 +214,37 @@ def read_examples(path: str | Path, head: str) -> list[Example]:
     if not examples:
         raise UserError(f"evaluation set {path}: no examples in it")
     return examples
+
+
+class _Probe:
+    """A backend that runs nothing: it answers every call with ones of the shapes the graph declares."""
+
+    name = "probe"
+
+    def __init__(self, manifest: Manifest):
+        self.graphs = manifest.graphs
+
+    def run(self, graph: str, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        sizes = {axis: size for spec in self.graphs[graph]["inputs"]
+                 for axis, size in zip(spec["shape"], feed[spec["name"]].shape) if isinstance(axis, str)}
+        return {t["name"]: np.ones([sizes[a] if isinstance(a, str) else a for a in t["shape"]], np.float32)
+                for t in self.graphs[graph]["outputs"]}
+
+
+def fitting(session: Session, examples: list[Example]) -> tuple[list[Example], list[str]]:
+    """The examples this artifact can measure, and why each of the others cannot (a text longer than
+    its limits, say): each is put to the head's helper on a copy of `session` whose graphs run nothing,
+    so what fits is exactly what the helper accepts."""
+    probe = copy.copy(session)
+    probe._backend = _Probe(session.manifest)
+    kept, reasons = [], []
+    for example in examples:
+        try:
+            METRICS[session.head.name].run(probe, [example], None)
+            kept.append(example)
+        except UserError as err:
+            reasons.append(str(err))
+    return kept, reasons
 
 
 def evaluate(session: Session, examples: list[Example], reference: list[Any] | None = None

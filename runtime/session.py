@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -82,15 +82,19 @@ class Session:
         self._ready(tokenizer)
 
     @classmethod
-    def staged(cls, manifest: Manifest, folder: Path, backend: Backend) -> Session:
+    def staged(cls, manifest: Manifest, folder: Path, backend: Backend, encodings: dict[Any, Any] | None = None
+               ) -> Session:
         """An artifact still being built, to measure it before it is validated and published: its manifest
         as it stands, its tokenizer file in `folder`, its graphs run by `backend`. Production opens
-        published artifacts with Session(path), which checks every file."""
+        published artifacts with Session(path), which checks every file. `encodings`: a memo of the
+        tokenizer's work, shared by the sessions of one build's forms (the same tokenizer), so that the
+        examples measured on each are encoded once."""
         session = cls.__new__(cls)
         session.max_chars = MAX_CHARS
         session.manifest, session.directory, session.head = manifest, folder, HEADS[manifest.head]
         session._backend = backend
         session._ready(read_regular(folder / manifest.tokenizer["file"], JSON_LIMIT))
+        session._encodings = encodings
         return session
 
     def _ready(self, tokenizer: bytes) -> None:
@@ -107,6 +111,7 @@ class Session:
         self.id2label = {int(i): label for i, label in self.manifest.config["id2label"].items()}
         self._window_tokenizers: dict[tuple[int, int], Tokenizer] = {}
         self._lock = threading.Lock()
+        self._encodings: dict[Any, Any] | None = None  # see staged()
 
     @staticmethod
     def _pin(path: Path, external: bool, public_key: str | Path | None) -> PinnedArtifact:
@@ -257,13 +262,21 @@ class Session:
         if any(not t.strip() for t in texts):
             raise UserError("empty text: give at least one word")
         items: list[Any] = list(zip(texts, pairs)) if pairs is not None else list(texts)
-        encodings = self.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens)
+        encodings = self._memo(("encode", add_special_tokens, *items),
+                               lambda: self.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens))
         for text, encoding in zip(texts, encodings):
             if len(encoding.ids) > self.max_length:
                 raise UserError(f"a text of {len(encoding.ids)} tokens is longer than this artifact's "
                                 f"{self.max_length} (text starts {text[:40]!r}); shorten it or rebuild with "
                                 "a larger --max-sequence")
         return encodings
+
+    def _memo(self, key: tuple[Any, ...], encode: Callable[[], Any]) -> Any:
+        if self._encodings is None:
+            return encode()
+        if key not in self._encodings:
+            self._encodings[key] = encode()
+        return self._encodings[key]
 
     def batch(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         """input_ids, attention_mask and token_type_ids, padded on the artifact's side to the longest
@@ -280,15 +293,30 @@ class Session:
             arrays["token_type_ids"][row, span] = e.type_ids
         return arrays
 
-    def _run_encoder(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the single graph over rows of any number, in chunks of the artifact's max batch."""
+    def _run_encoder(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """Run the single graph over encodings of any number: sorted by length and cut into chunks of the
+        artifact's max batch, each padded only to its own longest, so that short texts do not pay for long
+        ones. Outputs come back in the given order, a sequence axis padded with zeros to the longest of all
+        (as `batch` pads the inputs)."""
         graph = self._graph(None)
         names = {t["name"] for t in self.manifest.graphs[graph]["inputs"]}
-        rows = len(arrays["input_ids"])
+        along_sequence = {t["name"] for t in self.manifest.graphs[graph]["outputs"] if "sequence" in t["shape"][1:2]}
+        length = max(max(len(e.ids) for e in encodings), self.manifest.shape_limits["sequence"][0])
+        left = self.manifest.tokenizer["padding_side"] == "left"
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         step = self.manifest.shape_limits["batch"][2]
-        chunks = [self.run({k: v[i:i + step] for k, v in arrays.items() if k in names}, graph)
-                  for i in range(0, rows, step)]
-        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+        outputs: dict[str, np.ndarray] = {}
+        for first in range(0, len(order), step):
+            rows = order[first:first + step]
+            chunk = self.run({k: v for k, v in self.batch([encodings[i] for i in rows]).items() if k in names}, graph)
+            for name, value in chunk.items():
+                if name not in along_sequence:
+                    outputs.setdefault(name, np.zeros((len(order), *value.shape[1:]), value.dtype))[rows] = value
+                    continue
+                size = value.shape[1]
+                full = outputs.setdefault(name, np.zeros((len(order), length, *value.shape[2:]), value.dtype))
+                full[rows, slice(length - size, length) if left else slice(0, size)] = value
+        return outputs
 
     def _helper(self, name: str) -> None:
         if name not in self.head.helpers:
@@ -335,7 +363,7 @@ class Session:
         if top_k is not None:
             _count("top_k", top_k, 1)
         pairs = None if text_pair is None else self._pairs(texts, text_pair)
-        outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
+        outputs = self._run_encoder(self.encode(texts, pairs))
         results = tasks.classify(outputs["logits"], self.id2label, self.manifest.config.get("problem_type"), top_k)
         return results[0] if single else results
 
@@ -344,7 +372,7 @@ class Session:
         self._helper("next_sentence")
         texts, single = self._texts(a)
         pairs = self._pairs(texts, b)
-        outputs = self._run_encoder(self.batch(self.encode(texts, pairs)))
+        outputs = self._run_encoder(self.encode(texts, pairs))
         results = tasks.next_sentence(outputs["logits" if "logits" in outputs else "seq_relationship_logits"])
         return results[0] if single else results
 
@@ -354,8 +382,8 @@ class Session:
         if pooling not in tasks.POOLINGS:
             raise UserError(f"pooling {pooling!r} is not one of {', '.join(tasks.POOLINGS)}")
         items, single = self._texts(texts)
-        arrays = self.batch(self.encode(items))
-        outputs = self._run_encoder(arrays)
+        encodings = self.encode(items)
+        arrays, outputs = self.batch(encodings), self._run_encoder(encodings)
         vectors = tasks.embed(outputs["last_hidden_state"], outputs["pooler_output"], arrays["attention_mask"],
                               pooling)
         return vectors[0] if single else vectors
@@ -372,8 +400,7 @@ class Session:
         for item, e in zip(items, encodings):
             if mask_id not in e.ids:
                 raise UserError(f"no [MASK] token in {item[:40]!r}")
-        arrays = self.batch(encodings)
-        outputs = self._run_encoder(arrays)
+        arrays, outputs = self.batch(encodings), self._run_encoder(encodings)
         logits = outputs["logits" if "logits" in outputs else "prediction_logits"]
         results = tasks.fill_mask(logits, arrays["input_ids"], mask_id, self.tokenizer, top_k)
         return results[0] if single else results
@@ -403,7 +430,7 @@ class Session:
             raise UserError(f"aggregation {aggregation!r} is not one of {', '.join(tasks.AGGREGATIONS)}")
         items, single = self._texts(text)
         encodings = self.encode(items)
-        outputs = self._run_encoder(self.batch(encodings))
+        outputs = self._run_encoder(encodings)
         results = tasks.tag(outputs["logits"], encodings, items, self.id2label, aggregation)
         return results[0] if single else results
 
@@ -426,7 +453,7 @@ class Session:
             raise UserError(f"doc_stride {doc_stride} must be below half the window of {self.max_length} tokens")
         tokenizer = self._window_tokenizer(doc_stride)
         windows = [self._windows(tokenizer, doc_stride, q, c) for q, c in zip(questions, contexts)]
-        outputs = self._run_encoder(self.batch([w for item in windows for w in item]))  # all items in one go
+        outputs = self._run_encoder([w for item in windows for w in item])  # all items in one go
         results, first = [], 0
         for item, c in zip(windows, contexts):
             rows = slice(first, first + len(item))
@@ -459,7 +486,8 @@ class Session:
                             f"no more than doc_stride {doc_stride}; pass a doc_stride below {room} or shorten "
                             "the question")
         try:
-            first = tokenizer.encode(question, context)
+            first = self._memo(("window", self.max_length, doc_stride, question, context),
+                               lambda: tokenizer.encode(question, context))
         except Exception as err:  # tokenizers raises a bare Exception when the stride cannot fit
             raise UserError(f"cannot window this context ({err}); use a smaller doc_stride or a shorter "
                             "question") from None

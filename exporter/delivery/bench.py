@@ -26,7 +26,7 @@ from runtime import Session, feeds, openvino_backend, tensorrt_backend
 from runtime.backends import OnnxRuntimeBackend
 from runtime.machine import describe, timed
 from runtime.errors import UserError
-from runtime.evaluation import evaluate, read_examples
+from runtime.evaluation import evaluate, fitting, read_examples
 from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
 from runtime.pinned import find_manifest
@@ -111,7 +111,8 @@ def task_metric(manifest: Manifest) -> Callable[[Session], str | None]:
     if not accuracy or not Path(accuracy["data"]).is_file():
         return lambda session: None
     examples = read_examples(accuracy["data"], manifest.head)
-    return lambda session: f"{accuracy['metric']} {evaluate(session, examples)[0][accuracy['metric']]:.2f}"
+    # over the examples that fit the artifact, as the build measured it
+    return lambda session: f"{accuracy['metric']} {evaluate(session, fitting(session, examples)[0])[0][accuracy['metric']]:.2f}"
 
 
 def with_task(results: list[Figures], task: str | None) -> list[Figures]:

@@ -46,7 +46,7 @@ from runtime.tokenizer import load_tokenizer
 
 from exporter.precision import calibration
 from exporter.sources import checkpoints, demo
-from exporter.validation.task_metric import REFERENCE, Evaluation, evaluation_for
+from exporter.validation.task_metric import Evaluation, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.export.to_onnx import export_graph, written
@@ -291,6 +291,12 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
             export_graph(loaded.model, spec, graph, config, path)
     context.tokenizer.save(str(staging / manifest.tokenizer["file"]))
     if evaluation:
+        asked = len(evaluation.examples)
+        evaluation.prepare(loaded.model, manifest, staging)
+        if evaluation.left_out:
+            log(f"note: {len(evaluation.left_out)} of the {asked} evaluation examples do not fit this artifact and "
+                f"are left out (first: {evaluation.left_out[0]})")
+    if evaluation and precision != "fp32":  # an fp32 artifact's metric comes from its first form that matches
         with step(log, f"PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
             if not evaluation.measure_reference(loaded.model, manifest, staging):
                 log("  taken from an earlier build of the same weights and examples")
@@ -433,11 +439,15 @@ def check_forms(context: BuildContext, forms: list[Form]) -> Measured:
         backend = form.open(manifest)
         where = "GPU" if form.backend == "tensorrt" else "CPU"
         with step(log, f"validating ({form.name}, {where}) against PyTorch"):
-            results += validate(context.cases, {graph: partial(backend.run, graph) for graph in form.files},
+            compared = validate(context.cases, {graph: partial(backend.run, graph) for graph in form.files},
                                 context.spec, context.recipe.tolerance[form.precision], form.name)
-        if evaluation:
+            results += compared
+        if evaluation and form.precision != "fp32":
             with step(log, f"measuring {form.name}'s task accuracy"):
-                evaluation.measure(form.name, manifest, context.staging, backend)
+                evaluation.measure(form.name, form.precision, manifest, context.staging, backend)
+        elif evaluation and evaluation.reference is None and not failures(compared):
+            with step(log, f"measuring {form.name}'s task accuracy (fp32's: its outputs matched PyTorch's)"):
+                evaluation.measure_fp32(form.name, manifest, context.staging, backend)
         if isinstance(backend, TensorRTBackend):
             backend.close()
         del backend
@@ -545,7 +555,9 @@ class Int8:
             self.record["repair"].append({"kept_float": list(kept), "float_products": total - len(chosen_nodes(fp32, kept)),
                                           "metric": {form: scores[evaluation.metric]  # the forms this step measured
                                                      for form, scores in evaluation.results.items()
-                                                     if form == REFERENCE or form in measured[1]}})
+                                                     if form == evaluation.reference_form or form in measured[1]},
+                                          "decided_early": {form: dict(e) for form, e in evaluation.early.items()
+                                                            if form in measured[1]}})
             if layer:
                 self.record["repaired_layers"].append(layer)
 

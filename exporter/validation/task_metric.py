@@ -1,6 +1,8 @@
-"""Task accuracy in the build: the head's metric on the recipe's evaluation set, for PyTorch fp32 and
-for every graph and engine the build writes, judged against the recipe's `[accuracy.<precision>]`
-bound (`max_drop`: points of the metric below PyTorch fp32).
+"""Task accuracy in the build: the head's metric on the recipe's evaluation set, for fp32 and for
+every graph and engine the build writes, judged against the recipe's `[accuracy.<precision>]` bound
+(`max_drop`: points of the metric below fp32's). fp32's is PyTorch's, or, in an fp32 build (decided
+by its logits), that of its first form whose outputs matched PyTorch's. Only the examples that fit
+the artifact are measured, and a form's scoring stops once its bound is decided (`decided_early`).
 
 Each form is measured through `runtime.Session` on the staged artifact, so what is measured is what
 users run: the same tokenization, windows and post-processing (`runtime.evaluation`).
@@ -18,7 +20,7 @@ import torch
 
 from runtime.backends import Backend
 from runtime.errors import UserError
-from runtime.evaluation import METRICS, Example, Scores, evaluate, read_examples
+from runtime.evaluation import METRICS, Example, Scores, evaluate, fitting, means, percent, read_examples
 from runtime.files import sha256_of
 from runtime.manifest import Manifest
 from runtime.session import Session
@@ -28,10 +30,16 @@ from exporter.model.megatron_bert import HeadModel
 from exporter.export.to_onnx import reference_outputs
 
 REFERENCE = "pytorch fp32"
-# PyTorch fp32's scores and predictions by what they were measured on (weights, artifact description,
+# Fewer fitting examples than this (or than the whole set, if smaller) and the build refuses: a bound of
+# a point or two means little over a handful of examples.
+MIN_FITTING = 50
+# Examples scored between two looks at whether the bound is already decided: this many of the
+# artifact's largest batches, so that each part still packs full batches of similar lengths.
+PART_BATCHES = 2
+# fp32's scores and predictions by what they were measured on (weights, artifact description,
 # tokenizer, examples), kept for this process: the precisions of one head in build-all share them (at
-# 345M, PyTorch takes about two minutes over the 200 qa examples).
-_REFERENCE_RUNS: dict[str, tuple[Scores, list[Any] | None]] = {}
+# 345M, one pass over the 200 qa examples takes minutes).
+_REFERENCE_RUNS: dict[str, tuple[str, Scores, list[Any]]] = {}
 
 
 class TorchBackend:
@@ -51,29 +59,34 @@ class TorchBackend:
 
 @dataclass
 class Evaluation:
+    """The task metric of one build: fp32's (PyTorch's, or the first ONNX form whose logits matched
+    PyTorch's: fp32 is decided by its logits) and every other form's against it, each example encoded
+    once for all forms."""
+
     head: str
     data: Path
     metric: str  # the one that decides
-    examples: list[Example]
-    max_drop: dict[str, float]  # precision -> points below PyTorch fp32
+    examples: list[Example]  # those this artifact can measure, once prepared
+    max_drop: dict[str, float]  # precision -> points below fp32
     results: dict[str, Scores] = field(default_factory=dict)  # form -> scores
-    reference: list[Any] | None = None  # PyTorch fp32's predictions
+    reference_form: str | None = None  # the entry of `results` that holds fp32's metric
+    reference: list[Any] | None = None  # its predictions
+    left_out: list[str] = field(default_factory=list)  # why each example that does not fit was left out
+    early: dict[str, dict[str, Any]] = field(default_factory=dict)  # form -> where its bound was decided
+    encodings: dict[Any, Any] = field(default_factory=dict)  # the tokenizer's work, shared by the forms
+    key: str = ""  # what fp32's metric depends on (see prepare)
 
-    def measure(self, form: str, manifest: Manifest, staging: Path, backend: Backend) -> Scores:
-        """Score one form (through a Session on the staged artifact); the first is PyTorch's."""
-        try:
-            scores, predicted = evaluate(Session.staged(manifest, staging, backend), self.examples, self.reference)
-        except UserError as err:  # e.g. an example longer than the artifact's limits
-            raise UserError(f"evaluation set {self.data}: {err} (pass --eval-data with examples that fit, "
-                            "or --eval-data none)") from None
-        if self.reference is None:
-            self.reference = predicted
-        self.results[form] = scores
-        return scores
-
-    def measure_reference(self, model: HeadModel, manifest: Manifest, staging: Path) -> bool:
-        """Score PyTorch fp32, or take its scores from an earlier build of the same weights, artifact
-        description, tokenizer and examples in this process; returns whether they were measured now."""
+    def prepare(self, model: HeadModel, manifest: Manifest, staging: Path) -> None:
+        """Keep the examples this artifact can measure (refusing if too few fit), and key fp32's metric
+        by the weights, artifact description, tokenizer and examples (the key of `_REFERENCE_RUNS`)."""
+        fit, self.left_out = fitting(Session.staged(manifest, staging, TorchBackend(model), self.encodings),
+                                     self.examples)
+        needed = min(MIN_FITTING, len(self.examples))
+        if len(fit) < needed:
+            raise UserError(f"evaluation set {self.data}: {len(fit)} of its {len(self.examples)} examples fit this "
+                            f"artifact and at least {needed} must (first misfit: {self.left_out[0]}); pass "
+                            "--eval-data with examples that fit, or --eval-data none")
+        self.examples = fit
         digest = hashlib.sha256()
         add_weights(digest, model)
         described = {"config": manifest.config, "head": manifest.head, "shape_limits": manifest.shape_limits,
@@ -81,39 +94,120 @@ class Evaluation:
                      "data": sha256_of(self.data), "examples": len(self.examples)}
         digest.update(json.dumps(described, sort_keys=True).encode())
         digest.update((staging / manifest.tokenizer["file"]).read_bytes())
-        key = digest.hexdigest()
-        if key in _REFERENCE_RUNS:
-            scores, self.reference = _REFERENCE_RUNS[key]
-            self.results[REFERENCE] = dict(scores)
-            return False
-        _REFERENCE_RUNS[key] = (dict(self.measure(REFERENCE, manifest, staging, TorchBackend(model))), self.reference)
-        return True
+        self.key = digest.hexdigest()
 
-    def drop(self, form: str) -> float:
-        return self.results[REFERENCE][self.metric] - self.results[form][self.metric]
+    def measure_reference(self, model: HeadModel, manifest: Manifest, staging: Path) -> bool:
+        """fp32's metric by PyTorch, or taken from an earlier build of the same key in this process (PyTorch's
+        or an fp32 artifact's whose outputs matched PyTorch's); returns whether it was measured now."""
+        if self.key not in _REFERENCE_RUNS:
+            session = Session.staged(manifest, staging, TorchBackend(model), self.encodings)
+            _REFERENCE_RUNS[self.key] = (REFERENCE, *self._evaluate(session, self.examples, None))
+            self._reference(*_REFERENCE_RUNS[self.key])
+            return True
+        self._reference(*_REFERENCE_RUNS[self.key])
+        return False
+
+    def measure_fp32(self, form: str, manifest: Manifest, staging: Path, backend: Backend) -> None:
+        """Score an fp32 form whose outputs matched PyTorch's: its metric stands for fp32's (here, and as
+        "FORM fp32" for the other precisions of the same weights built later in this process)."""
+        session = Session.staged(manifest, staging, backend, self.encodings)
+        scores, predicted = self._evaluate(session, self.examples, None)
+        _REFERENCE_RUNS.setdefault(self.key, (f"{form} fp32", scores, predicted))
+        self._reference(form, scores, predicted)
+
+    def _reference(self, form: str, scores: Scores, predicted: list[Any]) -> None:
+        self.reference_form, self.reference = form, predicted
+        self.results[form] = dict(scores)
+
+    def measure(self, form: str, precision: str, manifest: Manifest, staging: Path, backend: Backend) -> None:
+        """Score a form judged against fp32's metric. Where the metric is a mean over examples, they are
+        scored part by part, and scoring stops once the bound is decided whatever the rest hold."""
+        self.early.pop(form, None)
+        if self.reference is None:  # no fp32 form matched PyTorch: the build fails on that already
+            return
+        session = Session.staged(manifest, staging, backend, self.encodings)
+        each, bound = METRICS[self.head].each, self.max_drop.get(precision)
+        if self.metric not in each or bound is None:
+            self.results[form] = self._evaluate(session, self.examples, self.reference)[0]
+            return
+        value = each[self.metric]
+        total, predicted, lost = len(self.examples), [], 0.0
+        size = PART_BATCHES * manifest.shape_limits["batch"][2]
+        reference = [value(e, p) for e, p in zip(self.examples, self.reference)]
+        for first in range(0, total, size):
+            part = self.examples[first:first + size]
+            predicted += self._evaluate(session, part, self.reference[first:first + size])[1]
+            lost += sum(reference[first:first + size]) - sum(value(e, p) for e, p in zip(part, predicted[first:]))
+            decided = decided_early(lost, sum(reference[len(predicted):]), len(predicted), total, bound)
+            if decided is not None:
+                self.early[form] = decided
+                break
+        scored = self.examples[:len(predicted)]
+        self.results[form] = {**means(each, scored, predicted),
+                              "agreement": percent([p == r for p, r in zip(predicted, self.reference)])}
+
+    def _evaluate(self, session: Session, examples: list[Example], reference: list[Any] | None
+                  ) -> tuple[Scores, list[Any]]:
+        try:
+            return evaluate(session, examples, reference)
+        except UserError as err:
+            raise UserError(f"evaluation set {self.data}: {err} (pass --eval-data with examples that fit, "
+                            "or --eval-data none)") from None
 
     def problems(self, precision: str, forms: list[str]) -> list[str]:
-        """One line per form whose metric fell further below PyTorch fp32 than the recipe allows."""
+        """One line per form whose metric fell (or is certain to fall) further below fp32's than the
+        recipe allows."""
         bound = self.max_drop.get(precision)
-        if bound is None:
+        if bound is None or self.reference_form is None:
             return []
-        return [f"{form}: {self.metric} {self.results[form][self.metric]:.2f} is {self.drop(form):.2f} points below "
-                f"PyTorch fp32's {self.results[REFERENCE][self.metric]:.2f} (the {precision} bound is {bound})"
-                for form in forms if self.drop(form) > bound]
+        fp32 = self.results[self.reference_form][self.metric]
+        lines = []
+        for form in forms:
+            early = self.early.get(form)
+            if form not in self.results:
+                lines.append(f"{form}: {self.metric} not measured (no fp32 form matched PyTorch's outputs)")
+            elif early is not None and early["drop_at_least"] > bound:
+                lines.append(f"{form}: after {early['scored']} of {len(self.examples)} examples, its {self.metric} "
+                             f"is certain to end at least {early['drop_at_least']:.2f} points below fp32's "
+                             f"{fp32:.2f} (the {precision} bound is {bound})")
+            elif early is None and fp32 - self.results[form][self.metric] > bound:
+                lines.append(f"{form}: {self.metric} {self.results[form][self.metric]:.2f} is "
+                             f"{fp32 - self.results[form][self.metric]:.2f} points below fp32's {fp32:.2f} "
+                             f"(the {precision} bound is {bound})")
+        return lines
 
     def record(self, precision: str, forms: list[str]) -> dict[str, Any]:
         """What the manifest keeps: the data, the metric, the bound, every form's scores and verdict."""
         return {"data": str(self.data), "data_sha256": sha256_of(self.data), "examples": len(self.examples),
-                "metric": self.metric, "max_drop": self.max_drop.get(precision), "results": self.results,
+                "left_out": len(self.left_out), "metric": self.metric, "max_drop": self.max_drop.get(precision),
+                "reference": self.reference_form, "results": self.results, "decided_early": self.early,
                 "passed": not self.problems(precision, forms)}
 
     def table(self) -> str:
         names = list(dict.fromkeys(k for scores in self.results.values() for k in scores))
         lines = [f"{'task accuracy (' + self.data.name + ')':<34}" + "".join(f"{n:>20}" for n in names)]
         for form, scores in self.results.items():
-            lines.append(f"{form:<34}" + "".join(f"{scores[n]:>20.2f}" if n in scores else f"{'-':>20}"
-                                                    for n in names))
+            lines.append(f"{form + (' (fp32)' if form == self.reference_form else ''):<34}"
+                         + "".join(f"{scores[n]:>20.2f}" if n in scores else f"{'-':>20}" for n in names))
+        lines += [f"  {form}: decided after {e['scored']} of {len(self.examples)} examples (the drop lies between "
+                  f"{e['drop_at_least']:.2f} and {e['drop_at_most']:.2f} points whatever the rest hold)"
+                  for form, e in self.early.items()]
         return "\n".join(lines)
+
+
+def decided_early(lost: float, right_after: float, scored: int, total: int, bound: float) -> dict[str, Any] | None:
+    """Where a form's bound is decided before the last example, by the values still possible: each
+    example's value lies in [0, 1], so with `lost` (fp32's values minus the form's, summed over the
+    `scored` examples) and `right_after` (fp32's values over the rest), the final drop in points lies
+    between 100 * (lost + right_after - rest) / total and 100 * (lost + right_after) / total. Decided
+    (with 0.01 points to spare for rounding) when all of that range misses the bound, or all of it holds."""
+    if scored >= total:
+        return None
+    least = 100.0 * (lost + right_after - (total - scored)) / total
+    most = 100.0 * (lost + right_after) / total
+    if least > bound + 0.01 or most < bound - 0.01:
+        return {"scored": scored, "drop_at_least": round(least, 2), "drop_at_most": round(most, 2)}
+    return None
 
 
 def evaluation_for(head: str, setting: dict[str, Any], accuracy: dict[str, dict[str, Any]], data: str | None
