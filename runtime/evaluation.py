@@ -217,34 +217,40 @@ def read_examples(path: str | Path, head: str) -> list[Example]:
 
 
 class _Probe:
-    """A backend that runs nothing: it answers every call with ones of the shapes the graph declares."""
+    """A backend that runs nothing: it answers every call with ones of the shapes the graph declares,
+    and counts the token positions it was given."""
 
     name = "probe"
 
     def __init__(self, manifest: Manifest):
         self.graphs = manifest.graphs
+        self.tokens = 0
 
     def run(self, graph: str, feed: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        self.tokens += feed["input_ids"].size
         sizes = {axis: size for spec in self.graphs[graph]["inputs"]
                  for axis, size in zip(spec["shape"], feed[spec["name"]].shape) if isinstance(axis, str)}
         return {t["name"]: np.ones([sizes[a] if isinstance(a, str) else a for a in t["shape"]], np.float32)
                 for t in self.graphs[graph]["outputs"]}
 
 
-def fitting(session: Session, examples: list[Example]) -> tuple[list[Example], list[str]]:
-    """The examples this artifact can measure, and why each of the others cannot (a text longer than
-    its limits, say): each is put to the head's helper on a copy of `session` whose graphs run nothing,
-    so what fits is exactly what the helper accepts."""
-    probe = copy.copy(session)
-    probe._backend = _Probe(session.manifest)
-    kept, reasons = [], []
+def fitting(session: Session, examples: list[Example]) -> tuple[list[Example], list[str], list[int]]:
+    """The examples this artifact can measure, why each of the others cannot (a text longer than its
+    limits, say), and the token positions each one that fits runs: each is put to the head's helper
+    on a copy of `session` whose graphs run nothing, so what fits is exactly what the helper accepts."""
+    probe, backend = copy.copy(session), _Probe(session.manifest)
+    probe._backend = backend
+    kept, reasons, tokens = [], [], []
     for example in examples:
+        before = backend.tokens
         try:
             METRICS[session.head.name].run(probe, [example], None)
-            kept.append(example)
         except UserError as err:
             reasons.append(str(err))
-    return kept, reasons
+            continue
+        kept.append(example)
+        tokens.append(backend.tokens - before)
+    return kept, reasons, tokens
 
 
 def evaluate(session: Session, examples: list[Example], reference: list[Any] | None = None

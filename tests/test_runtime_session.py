@@ -176,3 +176,30 @@ def test_a_staged_artifact_is_measured_without_a_verdict(built, tmp_path):
     manifest.save(path)
     with pytest.raises(UserError, match="failed validation"):
         Session(path)
+
+
+def test_a_list_of_texts_runs_in_batches_packed_by_length_each_answered_as_alone(built):
+    """Helpers sort a list's texts by length and pad each batch to its own longest: fewer padded tokens,
+    the same answers, in the order given."""
+    sizes = [12, 1, 9, 2, 11, 1, 7, 3, 14]  # words of 3 tokens; the artifact's batch is 4: three batches
+    texts = [" ".join(["ada"] * n) for n in sizes]
+    for head, ask in (("base", lambda s, t: s.embed(t, pooling="mean")),
+                      ("token-classification", lambda s, t: [[g["score"] for g in found] for found in s.tag(t, aggregation="none")])):
+        session = Session(built[head][0])
+        inner, lengths = session._backend, []
+
+        class Recording:
+            name = inner.name
+
+            def run(self, graph, feed, keep=frozenset()):
+                lengths.append(feed["input_ids"].shape)
+                return inner.run(graph, feed, keep)
+
+        session._backend = Recording()
+        together = ask(session, texts)
+        assert [rows for rows, _ in lengths] == [4, 4, 1]
+        longest = max(len(e.ids) for e in session.encode(texts))
+        assert [length for _, length in lengths] == sorted(length for _, length in lengths)
+        assert lengths[0][1] < longest == lengths[-1][1]  # the short ones were not padded to the longest
+        for text, answer in zip(texts, together):
+            np.testing.assert_allclose(ask(session, [text])[0], answer, rtol=1e-4, atol=1e-5)

@@ -553,7 +553,7 @@ class Int8:
 
         def note(layer: str | None) -> None:
             self.record["repair"].append({"kept_float": list(kept), "float_products": total - len(chosen_nodes(fp32, kept)),
-                                          "metric": {form: scores[evaluation.metric]  # the forms this step measured
+                                          "metric": {form: scores.get(evaluation.metric)  # the forms this step measured
                                                      for form, scores in evaluation.results.items()
                                                      if form == evaluation.reference_form or form in measured[1]},
                                           "decided_early": {form: dict(e) for form, e in evaluation.early.items()

@@ -33,9 +33,8 @@ REFERENCE = "pytorch fp32"
 # Fewer fitting examples than this (or than the whole set, if smaller) and the build refuses: a bound of
 # a point or two means little over a handful of examples.
 MIN_FITTING = 50
-# Examples scored between two looks at whether the bound is already decided: this many of the
-# artifact's largest batches, so that each part still packs full batches of similar lengths.
-PART_BATCHES = 2
+# Examples scored between two looks at whether the bound is already decided: the artifact's largest
+# batch, so that each part still runs full batches of similar lengths.
 # fp32's scores and predictions by what they were measured on (weights, artifact description,
 # tokenizer, examples), kept for this process: the precisions of one head in build-all share them (at
 # 345M, one pass over the 200 qa examples takes minutes).
@@ -77,16 +76,18 @@ class Evaluation:
     key: str = ""  # what fp32's metric depends on (see prepare)
 
     def prepare(self, model: HeadModel, manifest: Manifest, staging: Path) -> None:
-        """Keep the examples this artifact can measure (refusing if too few fit), and key fp32's metric
-        by the weights, artifact description, tokenizer and examples (the key of `_REFERENCE_RUNS`)."""
-        fit, self.left_out = fitting(Session.staged(manifest, staging, TorchBackend(model), self.encodings),
-                                     self.examples)
+        """Keep the examples this artifact can measure (refusing if too few fit), shortest first, and key
+        fp32's metric by the weights, artifact description, tokenizer and examples (`_REFERENCE_RUNS`).
+        Shortest first: a form's scoring goes in parts of one batch, each of examples of about one length,
+        and where its bound is decided early, the examples left unscored are the costliest."""
+        fit, self.left_out, tokens = fitting(Session.staged(manifest, staging, TorchBackend(model), self.encodings),
+                                             self.examples)
         needed = min(MIN_FITTING, len(self.examples))
         if len(fit) < needed:
             raise UserError(f"evaluation set {self.data}: {len(fit)} of its {len(self.examples)} examples fit this "
                             f"artifact and at least {needed} must (first misfit: {self.left_out[0]}); pass "
                             "--eval-data with examples that fit, or --eval-data none")
-        self.examples = fit
+        self.examples = [fit[i] for i in sorted(range(len(fit)), key=lambda i: tokens[i])]
         digest = hashlib.sha256()
         add_weights(digest, model)
         described = {"config": manifest.config, "head": manifest.head, "shape_limits": manifest.shape_limits,
@@ -131,20 +132,21 @@ class Evaluation:
             self.results[form] = self._evaluate(session, self.examples, self.reference)[0]
             return
         value = each[self.metric]
-        total, predicted, lost = len(self.examples), [], 0.0
-        size = PART_BATCHES * manifest.shape_limits["batch"][2]
+        total, size, lost = len(self.examples), manifest.shape_limits["batch"][2], 0.0
+        predicted: list[Any] = []
         reference = [value(e, p) for e, p in zip(self.examples, self.reference)]
-        for first in range(0, total, size):
+        # Looked at before the first part too: where fp32 got (nearly) nothing right, nothing can be lost
+        while (decided := decided_early(lost, sum(reference[len(predicted):]), len(predicted), total, bound)) is None \
+                and len(predicted) < total:
+            first = len(predicted)
             part = self.examples[first:first + size]
             predicted += self._evaluate(session, part, self.reference[first:first + size])[1]
             lost += sum(reference[first:first + size]) - sum(value(e, p) for e, p in zip(part, predicted[first:]))
-            decided = decided_early(lost, sum(reference[len(predicted):]), len(predicted), total, bound)
-            if decided is not None:
-                self.early[form] = decided
-                break
-        scored = self.examples[:len(predicted)]
+        if decided is not None:
+            self.early[form] = decided
+        scored = self.examples[:len(predicted)]  # none, where the bound was decided before any
         self.results[form] = {**means(each, scored, predicted),
-                              "agreement": percent([p == r for p, r in zip(predicted, self.reference)])}
+                              "agreement": percent([p == r for p, r in zip(predicted, self.reference)])} if scored else {}
 
     def _evaluate(self, session: Session, examples: list[Example], reference: list[Any] | None
                   ) -> tuple[Scores, list[Any]]:
