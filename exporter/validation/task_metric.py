@@ -33,8 +33,6 @@ REFERENCE = "pytorch fp32"
 # Fewer fitting examples than this (or than the whole set, if smaller) and the build refuses: a bound of
 # a point or two means little over a handful of examples.
 MIN_FITTING = 50
-# Examples scored between two looks at whether the bound is already decided: the artifact's largest
-# batch, so that each part still runs full batches of similar lengths.
 # fp32's scores and predictions by what they were measured on (weights, artifact description,
 # tokenizer, examples), kept for this process: the precisions of one head in build-all share them (at
 # 345M, one pass over the 200 qa examples takes minutes).
@@ -100,13 +98,12 @@ class Evaluation:
     def measure_reference(self, model: HeadModel, manifest: Manifest, staging: Path) -> bool:
         """fp32's metric by PyTorch, or taken from an earlier build of the same key in this process (PyTorch's
         or an fp32 artifact's whose outputs matched PyTorch's); returns whether it was measured now."""
-        if self.key not in _REFERENCE_RUNS:
+        measured = self.key not in _REFERENCE_RUNS
+        if measured:
             session = Session.staged(manifest, staging, TorchBackend(model), self.encodings)
             _REFERENCE_RUNS[self.key] = (REFERENCE, *self._evaluate(session, self.examples, None))
-            self._reference(*_REFERENCE_RUNS[self.key])
-            return True
         self._reference(*_REFERENCE_RUNS[self.key])
-        return False
+        return measured
 
     def measure_fp32(self, form: str, manifest: Manifest, staging: Path, backend: Backend) -> None:
         """Score an fp32 form whose outputs matched PyTorch's: its metric stands for fp32's (here, and as
@@ -132,6 +129,7 @@ class Evaluation:
             self.results[form] = self._evaluate(session, self.examples, self.reference)[0]
             return
         value = each[self.metric]
+        # Parts of the artifact's largest batch: each still runs full batches of examples of about one length
         total, size, lost = len(self.examples), manifest.shape_limits["batch"][2], 0.0
         predicted: list[Any] = []
         reference = [value(e, p) for e, p in zip(self.examples, self.reference)]
