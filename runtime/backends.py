@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
+from .threads import ort_options
 
 
 class Backend(Protocol):
@@ -39,7 +40,7 @@ class OnnxRuntimeBackend:
                             f"(available: {', '.join(available)})")
         if gpu_files and providers[0] != "CPUExecutionProvider":
             files = gpu_files
-        self.sessions = {graph: ort.InferenceSession(str(path), providers=providers) for graph, path in files.items()}
+        self.sessions = {graph: ort.InferenceSession(str(path), ort_options(), providers=providers) for graph, path in files.items()}
         provider = next(iter(self.sessions.values())).get_providers()[0]
         self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
         self.name = f"onnxruntime/{provider}"

@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import cache_root
+from .threads import engine_threads
 
 # What OpenVINO computes in, by the names this project uses
 INFERENCE_PRECISIONS = {"bf16": "bf16", "fp32": "f32"}
@@ -80,7 +81,9 @@ class OpenVinoBackend:
         if self.cache:
             self.cache.mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(self.cache)})
-        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[wanted], "PERFORMANCE_HINT": "LATENCY"}
+        threads = engine_threads()
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[wanted], "PERFORMANCE_HINT": "LATENCY",
+                  **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         self.files = files
         # Compiled from the model read, not from its path: the cache is then keyed by the graph's content,
         # and a graph replaced at the same path never loads the old one's compiled form.

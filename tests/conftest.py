@@ -17,8 +17,16 @@ import torch
 
 from exporter.sources import demo
 from runtime.heads import HEADS as SPECS
+from runtime.threads import VARIABLE as THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# pytest-xdist's workers share the cores: the engines of each (and of what it starts) get its share, not
+# every core, so that the workers do not wait on one another
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault(THREADS, str(max(1, share)))
+    torch.set_num_threads(int(os.environ[THREADS]))
 DEMO_VOCAB = demo.VOCAB
 
 HEADS = list(SPECS)  # every head the runtime declares

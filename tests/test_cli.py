@@ -100,6 +100,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, w
     assert not out.exists()
 
 
+def test_a_bad_thread_count_in_the_environment_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEGATRON_DEPLOY_THREADS", "all")
+    assert_user_error(in_process(capsys, "build", "--head", "qa", "--out", str(tmp_path / "out")),
+                      "MEGATRON_DEPLOY_THREADS='all'", "whole number")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_calibration_set_is_refused_before_any_work(tmp_path):
     result = exporter("build", "--head", "qa", "--precision", "int8", "--calibration-data", "/no/such.txt",
                       "--out", str(tmp_path))

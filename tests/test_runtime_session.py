@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import Session, UserError
+from runtime import Session, UserError, openvino_backend
 from runtime.manifest import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +115,19 @@ def test_threads_share_a_session(built):
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda i: session.answer("who sat", contexts[i % 20]), range(1000)))
     assert results == [expected[i % 20] for i in range(1000)]
+
+
+def test_engines_take_the_threads_the_environment_gives_and_refuse_a_bad_count(built, monkeypatch):
+    monkeypatch.setenv("MEGATRON_DEPLOY_THREADS", "1")
+    ort_session = next(iter(Session(built["qa"][0], backend="onnxruntime")._backend.sessions.values()))
+    assert ort_session.get_session_options().intra_op_num_threads == 1
+    if openvino_backend.usable() is None:
+        compiled = next(iter(Session(built["qa"][0], backend="openvino")._backend.compiled.values()))
+        assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MEGATRON_DEPLOY_THREADS", bad)
+        with pytest.raises(UserError, match=f"MEGATRON_DEPLOY_THREADS='{bad}': give a whole number"):
+            Session(built["qa"][0], backend="onnxruntime")
 
 
 def test_runtime_works_without_torch(built):

@@ -42,6 +42,7 @@ from runtime.openvino_backend import OpenVinoBackend
 from runtime.manifest import Manifest
 from runtime.pinned import FORM_SUFFIXES
 from runtime.tensorrt_backend import TensorRTBackend
+from runtime.threads import engine_threads
 from runtime.tokenizer import load_tokenizer
 
 from exporter.precision import calibration
@@ -86,6 +87,8 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
     engines_wanted = wants_engines(options.backend, log)
+    if threads := engine_threads():  # PyTorch's share of the machine; the sessions read it themselves
+        torch.set_num_threads(threads)
     explicit = {axis for axis, value in (("batch", options.max_batch), ("sequence", options.max_sequence),
                                          ("choices", options.max_choices), ("past_sequence", options.max_past))
                 if value is not None}

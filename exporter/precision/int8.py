@@ -35,6 +35,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, save_tensors_data
 
 from runtime.errors import UserError
+from runtime.threads import ort_options
 
 from exporter.export import to_onnx
 from exporter.export.to_onnx import check_graph, written
@@ -155,7 +156,7 @@ def measuring(source: Path, model: onnx.ModelProto, tensors: list[onnx.ValueInfo
     graph = source.with_name(f".{source.stem}.measuring.onnx")  # beside the weights it refers to
     onnx.save(model, str(graph))
     try:
-        options = onnxruntime.SessionOptions()
+        options = ort_options()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as calibrators do
         return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     finally:

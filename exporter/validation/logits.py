@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from runtime.heads import HeadSpec, expand
+from runtime.threads import ort_options
 
 from exporter.model.config import MegatronBertConfig
 from exporter.model.megatron_bert import HeadModel
@@ -73,7 +74,7 @@ def within(tolerance: dict[str, float], max_abs: float, cosine: float, argmax: f
 
 
 def ort_runner(path: Path) -> Runner:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return lambda feed: dict(zip(names, session.run(names, feed)))
 
