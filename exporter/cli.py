@@ -8,10 +8,11 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from runtime.errors import UserError
 from runtime.heads import HEADS
@@ -50,6 +51,10 @@ COMMANDS = {
     "sign": ("sign artifacts with an elliptic-curve private key (OpenSSF model-signing)",
               "Write NAME.sig beside each artifact's manifest: a signature of the manifest and every file it "
               "lists. Check with verify --public-key or runtime.Session(..., public_key=...)."),
+    "predict": ("answer a whole corpus (JSONL/Parquet) with an artifact, resumable",
+                "Stream the rows of --input (a .jsonl or .parquet file, or a folder of them) through the artifact's "
+                "helper in this process or --workers N, writing Parquet shards with the answers to --output. "
+                "Started again with the same command, it skips what is done. Bad rows go to errors shards."),
     "heads": ("list the heads with their inputs and outputs",
               "List the nine heads this tool builds, each with its graphs' inputs and outputs (dynamic axes by "
               "name), as the manifests declare them."),
@@ -137,6 +142,34 @@ def parser() -> Parser:
     g.add_argument("--password-env", metavar="VAR", help="the environment variable holding the key's password, "
                    "if it is encrypted")
 
+    p = command("predict")
+    p.add_argument("artifact", type=Path, metavar="ARTIFACT", help="a manifest, .onnx or .plan")
+    p.add_argument("--input", type=Path, required=True, metavar="FILE|FOLDER", help="JSONL or Parquet rows with "
+                   "the fields the head's helper takes (qa: question, context; classification: text, text_pair)")
+    p.add_argument("--output", type=Path, required=True, metavar="FOLDER", help="where the Parquet shards go")
+    p.add_argument("--batch", type=int, default=32, metavar="N", help="rows per helper call (default: 32)")
+    p.add_argument("--shard-rows", type=int, default=4096, metavar="N", help="rows per output shard, the unit of "
+                   "work and of resuming (default: 4096)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="processes (local) or actors (ray), each "
+                   "with its own Session (default: 1; local: this process); MEGATRON_DEPLOY_THREADS gives each its "
+                   "cores")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="local: this machine; ray: an actor "
+                   "pool of Ray Data (needs .[ray]) (default: local)")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT", help="the Ray cluster to run on (default: a Ray "
+                   "instance of its own on this machine); --output must be a folder every node writes")
+    p.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN", help="read the helper's field "
+                   "NAME from input column COLUMN (repeatable)")
+    p.add_argument("--helper-args", type=json_object, default={}, metavar="JSON", help="the helper's other "
+                   "arguments, e.g. '{\"max_new_tokens\": 16}' or '{\"top_k\": 3}'")
+    p.add_argument("--id", metavar="COLUMN", help="keep only this input column beside the answers")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "openvino", "tensorrt"),
+                   help="as runtime.Session's (default: auto)")
+    p.add_argument("--public-key", type=Path, metavar="PUB", help="answer only with an artifact signed by this "
+                   "public key's private key")
+    p.add_argument("--truncate", action="store_true", help="cut a text too long for the artifact to fit (its end) "
+                   "instead of counting its row as bad; questions and prompts are never cut")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any row was bad (default: 0, with a count)")
+
     command("heads")
     return top
 
@@ -167,14 +200,24 @@ def check_paths(args: argparse.Namespace) -> None:
                                   ("--eval-data", None if args.eval_data == "none" else args.eval_data, "file")):
             if value is not None and not Path(value).exists():
                 raise UserError(f"{flag} {value}: no such {what}")
-    if args.command in ("bench", "triton", "serve", "sign"):
+    if args.command in ("bench", "triton", "serve", "sign", "predict"):
         from runtime.pinned import manifest_beside
 
-        for artifact in args.artifacts:
+        for artifact in args.artifacts if args.command != "predict" else [args.artifact]:
             if not manifest_beside(artifact).exists():
                 raise UserError(f"{artifact}: no such artifact")
     if args.command == "build-all" and not args.recipes.is_dir():
         raise UserError(f"--recipes {args.recipes}: no such folder")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def names(text: str) -> list[str]:
@@ -294,6 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sign":
             sign_artifacts(args.artifacts, args.key, args.password_env)
             return 0
+        if args.command == "predict":
+            from exporter.delivery.predict import Options, predict
+
+            fields = dict(item.split("=", 1) for item in args.field if "=" in item)
+            if len(fields) != len(args.field):
+                raise UserError("--field takes NAME=COLUMN")
+            return predict(Options(artifact=args.artifact, input=args.input, output=args.output, batch=args.batch,
+                                   shard_rows=args.shard_rows, workers=args.workers, fields=fields, id_column=args.id,
+                                   helper_args=args.helper_args, engine=args.engine, ray_address=args.ray_address,
+                                   backend=args.backend, public_key=args.public_key, strict=args.strict,
+                                   truncate=args.truncate))
         if args.command == "verify":
             from exporter.delivery.verify import report
 

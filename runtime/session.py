@@ -36,9 +36,11 @@ OPEN_ATTEMPTS = 5  # a publish that replaces the version being opened sends the 
 
 
 class Session:
+    _truncating: Tokenizer | None = None  # the tokenizer that cuts texts to fit, if the session truncates
+
     def __init__(self, path: str | Path, backend: str | Backend = "auto", providers: list[str] | None = None,
                  public_key: str | Path | None = None, graphs: Sequence[str] | None = None,
-                 precision: str | None = None, max_chars: int = MAX_CHARS):
+                 precision: str | None = None, max_chars: int = MAX_CHARS, truncate: bool = False):
         """`backend`: "auto", "onnxruntime", "openvino", "tensorrt", or an object that runs the graphs
         elsewhere (such as a Triton server's models); then only the tokenizer needs to be beside the manifest.
         `public_key`: open only an artifact signed with its private key (NAME.sig; needs model-signing).
@@ -46,7 +48,9 @@ class Session:
         `precision`: what OpenVINO computes float graphs in, "bf16" or "fp32" (default: bf16 where the
         CPU has it natively); `Session.precision` says what runs.
         `max_chars`: the longest text a helper takes, in characters, refused before tokenizing (a long
-        document is read in windows, each a full call of the graph)."""
+        document is read in windows, each a full call of the graph).
+        `truncate`: cut a text longer than the artifact's window to fit (its end; of a pair, the longer
+        one's) instead of refusing it. A question to answer() and a prompt to generate() are never cut."""
         path = Path(path)
         if isinstance(backend, str) and backend not in SESSION_BACKENDS:
             raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(SESSION_BACKENDS)}")
@@ -80,6 +84,10 @@ class Session:
         if precision is not None and not isinstance(self._backend, openvino_backend.OpenVinoBackend):
             raise UserError(f"precision={precision!r} is for the openvino backend (this session runs {self._backend.name})")
         self._ready(tokenizer)
+        if _flag("truncate", truncate):
+            truncating = Tokenizer.from_str(self.tokenizer.to_str())
+            truncating.enable_truncation(self.max_length, strategy="longest_first")
+            self._truncating = truncating
 
     @classmethod
     def staged(cls, manifest: Manifest, folder: Path, backend: Backend, encodings: dict[Any, Any] | None = None
@@ -262,8 +270,10 @@ class Session:
         if any(not t.strip() for t in texts):
             raise UserError("empty text: give at least one word")
         items: list[Any] = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        # Texts for the encoder (with special tokens) are cut if the session truncates; prompts never
+        tokenizer = (self._truncating if self._truncating is not None and add_special_tokens else self.tokenizer)
         encodings = self._memo(("encode", add_special_tokens, *items),
-                               lambda: self.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens))
+                               lambda: tokenizer.encode_batch(items, add_special_tokens=add_special_tokens))
         for text, encoding in zip(texts, encodings):
             if len(encoding.ids) > self.max_length:
                 raise UserError(f"a text of {len(encoding.ids)} tokens is longer than this artifact's "

@@ -191,6 +191,22 @@ def test_a_staged_artifact_is_measured_without_a_verdict(built, tmp_path):
         Session(path)
 
 
+def test_truncate_cuts_a_text_too_long_for_the_window_but_never_a_prompt(built):
+    long = "the cat sat on the mat " * 100
+    cut = Session(built["sequence-classification"][0], truncate=True)
+    whole = cut.tokenizer.encode(long).ids
+    encoding = cut.encode([long])[0]
+    assert len(whole) > cut.max_length == len(encoding.ids)
+    assert encoding.ids == [*whole[:cut.max_length - 1], whole[-1]]  # its end cut, [SEP] kept
+    assert cut.classify(long)["label"] in cut.id2label.values()  # answered, not refused
+    pair = cut.encode(["short"], [long])[0]
+    assert len(pair.ids) == cut.max_length and pair.ids[:3] == cut.tokenizer.encode("short", long).ids[:3]
+    with pytest.raises(UserError, match="longer than this artifact's"):
+        Session(built["causal-lm"][0], truncate=True).generate("the sky " * 40, max_new_tokens=1)
+    with pytest.raises(UserError, match="truncate must be true or false"):
+        Session(built["sequence-classification"][0], truncate="yes")
+
+
 def test_a_list_of_texts_runs_in_batches_packed_by_length_each_answered_as_alone(built):
     """Helpers sort a list's texts by length and pad each batch to its own longest: fewer padded tokens,
     the same answers, in the order given."""
