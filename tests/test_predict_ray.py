@@ -63,7 +63,7 @@ def end_sessions(sessions: set[int]) -> None:
         for pid in [pid for pid, (_, session, _) in processes().items() if session in sessions]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(s in sessions for _, s, _ in processes().values()):
             time.sleep(0.2)
 
@@ -78,18 +78,12 @@ def corpus(built, tmp_path_factory):
     return data, shards(folder / "local"), len(rows)
 
 
-def test_a_ray_instance_of_its_own_writes_what_the_local_engine_does(built, corpus, tmp_path):
-    data, expected, count = corpus
-    done = predict(built["qa"][0], data, tmp_path / "out", "--engine", "ray", "--workers", "2")
-    assert f"predicted {count} rows" in done.stdout, done.stdout + done.stderr
-    assert shards(tmp_path / "out").equals(expected)
-
-
-def test_a_cluster_of_a_head_and_a_worker_node_on_loopback(built, corpus, tmp_path):
-    """As a cluster is run: every process (nodes and the driver) holds the cluster's token (Ray's token
-    authentication), here one of the test's own."""
-    data, expected, count = corpus
-    token = tmp_path / "ray-token"
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head and a worker node started as separate processes on loopback, as a cluster is run: every
+    process (nodes and the driver) holds the cluster's token (Ray's token authentication), here one of the
+    test's own. Yields its address and the environment a driver needs; stops everything it started."""
+    token = tmp_path_factory.mktemp("ray-cluster") / "token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     port, common = free_port(), ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
@@ -101,14 +95,33 @@ def test_a_cluster_of_a_head_and_a_worker_node_on_loopback(built, corpus, tmp_pa
             sessions.add(start.pid)
             _, err = start.communicate(timeout=120)
             assert start.returncode == 0, err[-2000:]
-        done = predict(built["qa"][0], data, tmp_path / "out", "--engine", "ray", "--workers", "2",
-                       "--ray-address", f"127.0.0.1:{port}", env=env)
+        yield f"127.0.0.1:{port}", env
     finally:
         end_sessions(sessions)
         current = Path("/tmp/ray/ray_current_cluster")  # where `ray start` says which cluster is the machine's
         if current.exists() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
     assert not any(session in sessions for _, session, _ in processes().values())
+
+
+@pytest.mark.parametrize("head", ["qa", "sequence-classification", "token-classification", "base", "causal-lm"])
+def test_each_head_on_a_cluster_of_a_head_and_a_worker_node_writes_what_the_local_engine_does(built, cluster, head,
+                                                                                             tmp_path):
+    """The local engine's output equals Session's answers (test_predict.py); Ray's must be the same bytes."""
+    address, env = cluster
+    rows = rows_for(head)
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    extra = ["--helper-args", '{"max_new_tokens": 4}'] if head == "causal-lm" else []
+    predict(built[head][0], data, tmp_path / "local", *extra)
+    done = predict(built[head][0], data, tmp_path / "ray", "--engine", "ray", "--workers", "2", "--ray-address",
+                   address, *extra, env=env)
+    assert f"predicted {len(rows)} rows" in done.stdout, done.stdout + done.stderr
+    assert shards(tmp_path / "ray").equals(shards(tmp_path / "local"))
+
+
+def test_a_ray_instance_of_its_own_writes_what_the_local_engine_does(built, corpus, tmp_path):
+    data, expected, count = corpus
+    done = predict(built["qa"][0], data, tmp_path / "out", "--engine", "ray", "--workers", "2")
     assert f"predicted {count} rows" in done.stdout, done.stdout + done.stderr
     assert shards(tmp_path / "out").equals(expected)
 
