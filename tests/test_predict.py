@@ -19,6 +19,7 @@ import pytest
 
 from conftest import ROOT, assert_same_result
 from exporter.cli import main
+from exporter.delivery import predict as predict_module
 from exporter.delivery.predict import ANSWER_COLUMNS, Tally
 from runtime import Session
 
@@ -140,11 +141,38 @@ def test_a_text_too_long_is_a_bad_row_unless_truncated(built, tmp_path, capsys):
     assert [{"label": r["label"], "score": r["score"]} for r in answered] == cut.classify(["a short one", long])
 
 
+def test_hostile_lines_are_bad_rows_read_with_bounded_memory(built, tmp_path, capsys, monkeypatch):
+    good = rows_for("sequence-classification")[:3]
+    huge = "x" * (predict_module.MAX_LINE + 10)  # no line end for 16 MiB: passed over, never held
+    data = write_jsonl(tmp_path / "in.jsonl", [good[0], huge, "[" * 100_000 + "]" * 100_000, good[1], good[2]])
+    out = tmp_path / "out"
+    assert main(["predict", str(built["sequence-classification"][0]), "--input", str(data), "--output",
+                 str(out)]) == 0
+    assert "predicted 5 rows" in capsys.readouterr().out
+    reasons = {e["id"]: e["reason"] for e in shards(out / "_errors").to_pylist()}
+    assert reasons == {"0:1": "line 2 is longer than 16 MiB", "0:2": "line 3 is nested too deeply"}
+    assert shards(out).column("text").to_pylist() == [g["text"] for g in good]
+    # A unit ends early where its lines pass UNIT_BYTES (here 100 bytes), and rows are numbered on
+    monkeypatch.setattr(predict_module, "UNIT_BYTES", 100)
+    lines = write_jsonl(tmp_path / "small.jsonl", [{"text": "x" * 60}] * 5)
+    cut = list(predict_module.units([lines], 4))
+    assert [(u.start, u.stop, u.line) for u in cut] == [(0, 2, 1), (2, 4, 3), (4, 5, 5)]
+    assert [len(u.rows()) for u in cut] == [2, 2, 1]
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(built, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "in.jsonl", rows_for("qa")[:2])
+    (tmp_path / "taken").write_text("a file")
+    assert main(["predict", str(built["qa"][0]), "--input", str(data), "--output", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "cannot make a folder there" in err and len(err.strip().splitlines()) == 1
+
+
 def test_parquet_input_with_other_column_names_and_an_id_column(built, tmp_path, capsys):
     rows = rows_for("sequence-classification")[:9]
     data = tmp_path / "in.parquet"
     pq.write_table(pa.table({"key": [f"r{i}" for i in range(len(rows))], "review": [r["text"] for r in rows]}), data,
-                   row_group_size=4)  # units of 5 rows straddle the row groups
+                   row_group_size=2)  # units of 5 rows straddle three row groups
     out = tmp_path / "out"
     assert main(["predict", str(built["sequence-classification"][0]), "--input", str(data), "--output", str(out),
                  "--field", "text=review", "--id", "key", "--shard-rows", "5"]) == 0

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -45,6 +45,10 @@ from runtime.threads import VARIABLE as threads_variable
 ENGINES = ("local", "ray")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 PROGRESS = "_progress.json"
+# A JSONL line longer than this is a bad row, passed over unread (no text a helper takes comes near it);
+# a unit ends early where its lines pass UNIT_BYTES: what a worker holds stays bounded on hostile input
+MAX_LINE = 16 * 2**20
+UNIT_BYTES = 64 * 2**20
 ERRORS = "_errors"  # the bad rows' shards, each named as its unit's
 # The helper's argument for each input field where it is named otherwise (a corpus of prompts for the LM)
 FIELD_NAMES = {"causal-lm": {"text": "prompt"}}
@@ -92,33 +96,62 @@ class Unit:
         return f"part-{self.file:05d}-{self.start:012d}-{self.stop:012d}"
 
     def rows(self) -> list[dict[str, Any] | str]:
-        """Its rows; a line that is not a JSON object comes as the reason why."""
+        """Its rows; a line that is not a JSON object (or is too long to read) comes as the reason why."""
         if FORMATS[Path(self.path).suffix] == "parquet":
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            parquet, first, tables = pq.ParquetFile(self.path), 0, []
+            parquet, at, groups, firsts = pq.ParquetFile(self.path), 0, [], []
             for group in range(parquet.metadata.num_row_groups):  # only the row groups that hold the unit
                 count = parquet.metadata.row_group(group).num_rows
-                if first < self.stop and first + count > self.start:
-                    tables.append((first, parquet.read_row_group(group)))
-                first += count
-            table = pa.concat_tables([t for _, t in tables])
-            return table.slice(self.start - tables[0][0], self.stop - self.start).to_pylist()
+                if at < self.stop and at + count > self.start:
+                    groups.append(group)
+                    firsts.append(at)
+                at += count
+            first, found = firsts[0] if firsts else 0, []
+            for batch in parquet.iter_batches(batch_size=1024, row_groups=groups):  # streamed, not whole groups
+                low, high = max(self.start - first, 0), min(self.stop - first, batch.num_rows)
+                if low < high:
+                    found.extend(batch.slice(low, high - low).to_pylist())
+                first += batch.num_rows
+            return found
+        rows: list[dict[str, Any] | str] = []
         with open(self.path, "rb") as stream:
             stream.seek(self.offset)
-            lines = stream.read(self.length).decode("utf-8", errors="replace").split("\n")
-        rows: list[dict[str, Any] | str] = []
-        for number, line in enumerate(lines, self.line):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                rows.append(f"line {number} is not JSON ({err.msg})")
-                continue
-            rows.append(row if isinstance(row, dict) else f"line {number} is not a JSON object")
+            for number, (_, line) in enumerate(read_lines(stream, self.length), self.line):
+                if line is None:
+                    rows.append(f"line {number} is longer than {MAX_LINE // 2**20} MiB")
+                elif line.strip():
+                    rows.append(parse_line(line, number))
         return rows
+
+
+def read_lines(stream: BinaryIO, length: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """The lines of a JSONL stream (of its next `length` bytes): each line's size and bytes, or None for
+    a line longer than MAX_LINE, passed over without holding it (a file without line ends is one)."""
+    left = length
+    while left is None or left > 0:
+        line = stream.readline(MAX_LINE + 1 if left is None else min(MAX_LINE + 1, left))
+        if not line:
+            return
+        size = len(line)
+        while size > MAX_LINE and not line.endswith(b"\n"):  # pass over the rest of the line
+            line = stream.readline(2**20 if left is None else min(2**20, left - size))
+            if not line:
+                break
+            size += len(line)
+        if left is not None:
+            left -= size
+        yield size, None if size > MAX_LINE else line
+
+
+def parse_line(line: bytes, number: int) -> dict[str, Any] | str:
+    try:
+        row = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        return f"line {number} is not JSON ({err.msg})"
+    except RecursionError:
+        return f"line {number} is nested too deeply"
+    return row if isinstance(row, dict) else f"line {number} is not a JSON object"
 
 
 def input_files(path: Path) -> list[Path]:
@@ -150,8 +183,9 @@ def input_files(path: Path) -> list[Path]:
 
 
 def units(files: list[Path], size: int) -> Iterator[Unit]:
-    """The corpus cut into units of `size` rows (a file's last may be shorter), found without reading
-    any row: a Parquet file's row count, a JSONL file's line ends (a blank line is no row)."""
+    """The corpus cut into units of `size` rows (fewer where a JSONL unit would pass UNIT_BYTES, and a
+    file's last), found without holding any row: a Parquet file's row count, a JSONL file's line ends
+    (a blank line is no row)."""
     for index, file in enumerate(files):
         if FORMATS[file.suffix] == "parquet":
             import pyarrow.parquet as pq
@@ -163,10 +197,10 @@ def units(files: list[Path], size: int) -> Iterator[Unit]:
         with open(file, "rb") as stream:
             start = rows = begin = offset = 0
             first = 1
-            for number, line in enumerate(stream, 1):
-                rows += bool(line.strip())
-                offset += len(line)
-                if rows - start == size:
+            for number, (length, line) in enumerate(read_lines(stream), 1):
+                rows += line is None or bool(line.strip())
+                offset += length
+                if rows - start == size or (offset - begin >= UNIT_BYTES and rows > start):
                     yield Unit(str(file), index, start, rows, begin, offset - begin, first)
                     start, begin, first = rows, offset, number + 1
             if rows > start:
@@ -353,7 +387,10 @@ def describe(options: Options, files: list[Path]) -> dict[str, Any]:
 def start(options: Options, files: list[Path]) -> set[str]:
     """Make or reopen the output folder; returns the units already done."""
     run = describe(options, files)
-    (options.output / ERRORS).mkdir(parents=True, exist_ok=True)
+    try:
+        (options.output / ERRORS).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {options.output}: cannot make a folder there ({err.strerror})") from None
     progress, done = options.output / PROGRESS, set()
     if progress.exists():
         try:
@@ -426,6 +463,23 @@ def predict(options: Options) -> int:
         save_progress(options.output, run, done)
         tally.show()
 
+    try:
+        answer_all(options, todo, finished)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {tally.rows + tally.skipped} of {tally.total} rows are done and kept; the same "
+              "command goes on from there", file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk, a file gone: the units done stay done
+        raise UserError(f"{err.filename or options.output}: {err.strerror or err}; {tally.rows + tally.skipped} "
+                        f"of {tally.total} rows are done and kept; the same command goes on from there") from None
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    tally.show(final=True)
+    return 1 if options.strict and tally.failures else 0
+
+
+def answer_all(options: Options, todo: list[Unit], finished: Callable[[str, int, int], None]) -> None:
+    """The units through this process, a pool of `--workers` processes, or Ray."""
     if options.engine == "ray":
         _open_no_more()  # each actor opens its own
         on_ray(options, todo, finished)
@@ -447,10 +501,6 @@ def predict(options: Options) -> int:
                 running.add(pool.submit(_work, unit, options.output))
             for future in running:
                 finished(*future.result())
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    tally.show(final=True)
-    return 1 if options.strict and tally.failures else 0
 
 
 # ---- on a Ray cluster ----------------------------------------------------------------------------
