@@ -160,6 +160,16 @@ def test_hostile_lines_are_bad_rows_read_with_bounded_memory(built, tmp_path, ca
     assert [len(u.rows()) for u in cut] == [2, 2, 1]
 
 
+def test_an_input_column_of_mixed_types_is_kept_as_json_text(built, tmp_path):
+    rows = [{**row, "meta": meta} for row, meta in zip(rows_for("sequence-classification"), [1, "x", [2], None])]
+    out = tmp_path / "out"
+    assert main(["predict", str(built["sequence-classification"][0]), "--input",
+                 str(write_jsonl(tmp_path / "in.jsonl", rows)), "--output", str(out)]) == 0
+    table = shards(out)
+    assert table.column("meta").to_pylist() == ["1", '"x"', "[2]", None]
+    assert table.column("text").to_pylist() == [row["text"] for row in rows]  # the others keep their type
+
+
 def test_an_output_that_cannot_be_a_folder_is_one_line_and_exit_2(built, tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", rows_for("qa")[:2])
     (tmp_path / "taken").write_text("a file")

@@ -322,9 +322,12 @@ def write_shard(path: Path, rows: list[dict[str, Any]]) -> None:
             flat = pa.array(np.concatenate(vectors).astype(np.float32))
             columns[name] = pa.FixedSizeListArray.from_arrays(flat, len(vectors[0]))
         else:
-            columns[name] = pa.array(values)
+            try:
+                columns[name] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # an input column of mixed types: kept as JSON text
+                columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
     scratch = path.with_name(f".{path.name}.incoming")
-    pq.write_table(pa.table(columns) if columns else pa.table({"id": pa.array([], pa.string())}), scratch)
+    pq.write_table(pa.table(columns), scratch)
     os.replace(scratch, path)
 
 
