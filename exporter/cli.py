@@ -54,7 +54,7 @@ COMMANDS = {
     "predict": ("answer a whole corpus (JSONL/Parquet) with an artifact, resumable",
                 "Stream the rows of --input (a .jsonl or .parquet file, or a folder of them) through the artifact's "
                 "helper in this process or --workers N, writing Parquet shards with the answers to --output. "
-                "Started again with the same command, it skips what is done. Bad rows go to errors shards."),
+                "Started again with the same command, it skips what is done. Bad rows go to --output's _errors/."),
     "heads": ("list the heads with their inputs and outputs",
               "List the nine heads this tool builds, each with its graphs' inputs and outputs (dynamic axes by "
               "name), as the manifests declare them."),

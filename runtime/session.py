@@ -85,9 +85,7 @@ class Session:
             raise UserError(f"precision={precision!r} is for the openvino backend (this session runs {self._backend.name})")
         self._ready(tokenizer)
         if _flag("truncate", truncate):
-            truncating = Tokenizer.from_str(self.tokenizer.to_str())
-            truncating.enable_truncation(self.max_length, strategy="longest_first")
-            self._truncating = truncating
+            self._truncating = self._cutting(strategy="longest_first")
 
     @classmethod
     def staged(cls, manifest: Manifest, folder: Path, backend: Backend, encodings: dict[Any, Any] | None = None
@@ -478,10 +476,14 @@ class Session:
         key = (self.max_length, doc_stride)
         with self._lock:
             if key not in self._window_tokenizers:
-                tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
-                tokenizer.enable_truncation(self.max_length, stride=doc_stride, strategy="only_second")
-                self._window_tokenizers[key] = tokenizer
+                self._window_tokenizers[key] = self._cutting(stride=doc_stride, strategy="only_second")
             return self._window_tokenizers[key]
+
+    def _cutting(self, **truncation: Any) -> Tokenizer:
+        """A copy of the tokenizer that cuts its encodings to the artifact's window."""
+        tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        tokenizer.enable_truncation(self.max_length, **truncation)
+        return tokenizer
 
     def _windows(self, tokenizer: Tokenizer, doc_stride: int, question: str, context: str) -> list[Encoding]:
         if not question.strip() or not context.strip():
