@@ -387,9 +387,8 @@ def describe(options: Options, files: list[Path]) -> dict[str, Any]:
             "helper_args": options.helper_args, "truncate": options.truncate, "backend": options.backend}
 
 
-def start(options: Options, files: list[Path]) -> set[str]:
-    """Make or reopen the output folder; returns the units already done."""
-    run = describe(options, files)
+def start(options: Options, run: dict[str, Any]) -> set[str]:
+    """Make or reopen the output folder for `run` (describe's); returns the units already done."""
     try:
         (options.output / ERRORS).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -454,8 +453,9 @@ def predict(options: Options) -> int:
     if importlib.util.find_spec("pyarrow") is None:  # the shards are Parquet
         raise UserError("writing Parquet needs pyarrow: pip install 'megatron-deploy[predict]'")
     _open(options)  # the artifact verified, and its helper known, before any row is read
-    done = start(options, files)
-    run, every = describe(options, files), list(units(files, options.shard_rows))
+    run = describe(options, files)  # once: the artifact's hash is read once, the same for every save
+    done = start(options, run)
+    every = list(units(files, options.shard_rows))
     todo = [unit for unit in every if unit.name not in done]
     tally = Tally(total=sum(u.stop - u.start for u in every), skipped=sum(u.stop - u.start for u in every
                                                                              if u.name in done))
