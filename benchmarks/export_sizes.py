@@ -4,8 +4,8 @@ Runs `python -m exporter build` in a child process (so its peak memory is the bu
 steps as they go (each with its time and the peak memory reached so far), then prints the wall time,
 the peak resident memory against the fp32 weights' size, and the files written.
 
-    python benchmarks/export_sizes.py [--size 345m|1.3b|3.9b] [--precision fp32|fp16|int8] [--head qa]
-        [--max-batch 8] [--max-sequence 384] [--keep-float PATTERN ...] [--out DIR]
+    python benchmarks/export_sizes.py [--size 345m|1.3b|3.9b] [--precision fp32|fp16|int8|int4] [--head qa]
+        [--max-batch 8] [--max-sequence 384] [--keep-float PATTERN ...] [--recipe FILE] [--out DIR]
 
 Without --out the artifact is built into a temporary folder under artifacts/ and removed afterwards.
 """
@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--max-sequence", default="384")
     parser.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                         help="int8: layers left in float, as for build")
+    parser.add_argument("--recipe", type=Path, help="a recipe TOML instead of recipes/HEAD.toml (e.g. "
+                        "benchmarks/qa-345m.toml, whose bounds allow for random weights)")
     parser.add_argument("--out", type=Path, help="keep the artifact here (named SIZE-PRECISION)")
     args = parser.parse_args()
     config_file = ROOT / "benchmarks" / f"megatron-bert-{args.size}.json"
@@ -54,6 +56,7 @@ def main() -> int:
                    "--max-batch", args.max_batch, "--max-sequence", args.max_sequence,
                    "--eval-data", "none",  # random weights: no task to measure; the export's cost is the point
                    *(f"--keep-float={pattern}" for pattern in args.keep_float),
+                   *(["--recipe", str(args.recipe)] if args.recipe else []),
                    *(["--name", f"{args.size}-{args.precision}"] if args.out else [])]
         start = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT)

@@ -1,7 +1,8 @@
-"""Benchmark: the 345M qa head (random weights) as fp32, fp16 and int8 artifacts on ONNX Runtime's CPU
-provider, at batch 1 and sequence 128: build time, latency, and agreement with the fp32 artifact.
+"""Benchmark: the 345M qa head (random weights) as fp32, fp16, int8 and int4 artifacts on ONNX Runtime's
+CPU provider, at batch 1 and sequence 128: build time, graph size, latency, and agreement with the
+fp32 artifact.
 
-    python benchmarks/precision_345m.py [--precisions fp32,fp16,int8] [--iterations 20] [--out DIR]
+    python benchmarks/precision_345m.py [--precisions fp32,fp16,int8,int4] [--iterations 20] [--out DIR]
 
 Builds with `python -m exporter build --recipe benchmarks/qa-345m.toml` (skipped for an artifact
 already in --out), then times `runtime.Session.run` on one fixed input.
@@ -43,7 +44,7 @@ def latency(session: Session, feed: dict[str, np.ndarray], iterations: int) -> l
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", default="fp32,fp16,int8")
+    parser.add_argument("--precisions", default="fp32,fp16,int8,int4")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench-345m"))
     args = parser.parse_args()
@@ -60,12 +61,13 @@ def main() -> int:
         cosine = min(float(np.dot(reference[k].ravel(), v.ravel()) / np.linalg.norm(reference[k]) / np.linalg.norm(v))
                      for k, v in outputs.items())
         times = np.array(latency(session, feed, args.iterations)) * 1000
-        rows.append((precision, built, np.percentile(times, 50), np.percentile(times, 90), cosine))
-    base = rows[0][2]
+        size = sum((manifest.parent / name).stat().st_size for name in session.manifest.files if ".onnx" in name)
+        rows.append((precision, built, size / 2**20, np.percentile(times, 50), np.percentile(times, 90), cosine))
+    base = rows[0][3]
     print(f"\n345M qa, batch 1, sequence 128, ONNX Runtime CPU ({args.iterations} runs)")
-    print(f"{'precision':<10} {'build s':>8} {'p50 ms':>8} {'p90 ms':>8} {'vs ' + rows[0][0]:>8} {'cosine':>9}")
-    for precision, built, p50, p90, cosine in rows:
-        print(f"{precision:<10} {built:>8.1f} {p50:>8.1f} {p90:>8.1f} {base / p50:>7.2f}x {cosine:>9.5f}")
+    print(f"{'precision':<10} {'build s':>8} {'MiB':>7} {'p50 ms':>8} {'p90 ms':>8} {'vs ' + rows[0][0]:>8} {'cosine':>9}")
+    for precision, built, mib, p50, p90, cosine in rows:
+        print(f"{precision:<10} {built:>8.1f} {mib:>7.0f} {p50:>8.1f} {p90:>8.1f} {base / p50:>7.2f}x {cosine:>9.5f}")
     return 0
 
 

@@ -100,8 +100,8 @@ def parser() -> Parser:
     a = command("build-all")
     a.add_argument("--recipes", type=Path, default=RECIPES_DIR, metavar="DIR", help="default: recipes/")
     a.add_argument("--heads", type=names, metavar="H,H", help="only these heads (default: every recipe's)")
-    a.add_argument("--precisions", type=names, default=list(PRECISIONS), metavar="P,P",
-                   help="default: fp32,fp16,int8")
+    a.add_argument("--precisions", type=names, default=["fp32", "fp16", "int8"], metavar="P,P",
+                   help=f"any of {','.join(PRECISIONS)} (default: fp32,fp16,int8; int4 is a decode form, asked for)")
     a.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="where the artifacts and their index.json go")
     a.add_argument("--backend", choices=BUILD_BACKENDS, default="auto", help="as for build (default: auto)")

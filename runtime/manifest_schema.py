@@ -14,7 +14,8 @@ from typing import Any
 from .errors import UserError
 from .heads import DYNAMIC_AXES, HEADS, expand
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")  # integer weights: OpenVINO's float precision does not name their compute
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 GRAPH_FIELDS = frozenset({"file", "tensorrt_file", "inputs", "outputs"})
 CONFIG_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",

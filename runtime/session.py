@@ -28,6 +28,7 @@ from .files import JSON_LIMIT, Vanished, read_regular
 from .generation import Generator, SamplingOptions
 from .heads import DYNAMIC_AXES, HEADS
 from .manifest import Manifest
+from .manifest_schema import QUANTIZED
 from .pinned import PinnedArtifact, find_manifest
 
 SESSION_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
@@ -106,7 +107,7 @@ class Session:
     def _ready(self, tokenizer: bytes) -> None:
         """What every session holds beside its manifest and backend."""
         self.backend: str = self._backend.name
-        self.precision: str = ("bf16" if self.manifest.precision != "int8"
+        self.precision: str = ("bf16" if self.manifest.precision not in QUANTIZED
                                and getattr(self._backend, "float_precision", None) == "bf16" else self.manifest.precision)
         try:
             self.tokenizer = Tokenizer.from_str(tokenizer.decode())

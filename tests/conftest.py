@@ -225,6 +225,11 @@ def built_fp16(hf_checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def built_int4(hf_checkpoints, tmp_path_factory):
+    return built_at("int4", hf_checkpoints, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def serving_python() -> Path:
     """The Python of an environment of its own with `.[serve]` installed, editable so it runs this checkout
     (numpy<2, as Triton's Python backend needs), made once per project folder and pyproject.toml under ~/.cache."""

@@ -16,7 +16,7 @@ from exporter.validation.task_metric import TorchBackend, decided_early
 from exporter.pipeline.build_all import build_all
 from exporter.cli import main
 from exporter.sources.demo import DIRECTORY, TRAINED, resolve
-from exporter.pipeline.recipes import RECIPES_DIR
+from exporter.pipeline.recipes import PRECISIONS, RECIPES_DIR
 from exporter.sources.training.world import CITIES
 from runtime import Session
 from runtime.evaluation import METRICS, evaluate, read_examples
@@ -37,9 +37,9 @@ def quiet(_: str) -> None:
 
 @pytest.fixture(scope="session")
 def demo_builds(tmp_path_factory):
-    """`build-all` over every head at fp32, fp16 and int8 with the default (trained) demo."""
+    """`build-all` over every head at fp32, fp16, int8 and int4 with the default (trained) demo."""
     out, said = tmp_path_factory.mktemp("demo-all"), []
-    ok = build_all(RECIPES_DIR, None, ["fp32", "fp16", "int8"], out, "auto", said.append)
+    ok = build_all(RECIPES_DIR, None, PRECISIONS, out, "auto", said.append)
     return ok, out, json.loads((out / "index.json").read_text()), said
 
 
@@ -49,10 +49,10 @@ def test_build_all_over_the_trained_demo_exits_0_with_a_task_metric_in_every_man
     # fp32's task metric measured once per head, by its fp32 artifact's first form (whose outputs matched
     # PyTorch's), for all three precisions; PyTorch itself never runs the examples (exports: test_build_all.py)
     assert sum(line.startswith("- measuring onnxruntime's task accuracy (fp32's") for line in said) == 9
-    assert sum(line == "  taken from an earlier build of the same weights and examples" for line in said) == 18
-    assert sum(line.startswith("- PyTorch fp32's task accuracy") for line in said) == 18
+    assert sum(line == "  taken from an earlier build of the same weights and examples" for line in said) == 27
+    assert sum(line.startswith("- PyTorch fp32's task accuracy") for line in said) == 27
     for head in HEADS:
-        for precision in ("fp32", "fp16", "int8"):
+        for precision in PRECISIONS:
             manifest = Manifest.load(out / f"{head}-{precision}.json")
             accuracy = manifest.accuracy
             # fp32's forms are decided by their outputs; the others by the metric (bf16: OpenVINO's on a bf16 CPU)
@@ -86,13 +86,25 @@ def test_int8_is_within_its_bound_of_fp32_on_every_head(demo_builds, head):
         assert reference - accuracy["results"][form][accuracy["metric"]] <= accuracy["max_drop"] == (2.0 if head == "base" else 1.0)
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_int4_passes_its_gate_on_every_head_with_every_product_it_could_in_4_bits(demo_builds, head):
+    _, out, _, _ = demo_builds
+    manifest = Manifest.load(out / f"{head}-int4.json")
+    accuracy, record = manifest.accuracy, manifest.quantization
+    reference = accuracy["results"][accuracy["reference"]][accuracy["metric"]]
+    for form in manifest.validation["forms"]:  # ONNX Runtime's, and OpenVINO's where it runs here
+        assert reference - accuracy["results"][form][accuracy["metric"]] <= accuracy["max_drop"] == 2.0
+    assert record["kept_float"] == [] and record["eight_bits"] == [] and record["repair"] == []
+
+
 def test_the_readme_answer_and_words_from_generate(demo_builds):
     _, out, _, _ = demo_builds
     qa = Session(out / "qa-int8.json")
     assert qa.answer("Who wrote it?", "It was written by Ada in 1843.")["answer"] == "Ada"
+    for precision in ("fp32", "int4"):
+        text = Session(out / f"causal-lm-{precision}.json").generate("Ada was born in", max_new_tokens=8)
+        assert "##" not in text and text.split()[0].capitalize() in CITIES, (precision, text)  # as the facts it learned go
     lm = Session(out / "causal-lm-fp32.json")
-    text = lm.generate("Ada was born in", max_new_tokens=8)
-    assert "##" not in text and text.split()[0].capitalize() in CITIES  # a place, as the facts it learned go
     for prompt in ("A long time ago the", "The river", "Grace works as a"):
         assert "##" not in lm.generate(prompt, max_new_tokens=8)
 

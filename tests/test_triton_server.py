@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_result
+from conftest import assert_same_result, tiny_limits
 from exporter.cli import main
 from exporter.delivery.serve import free_port
 from exporter.delivery.triton import infer_inputs
@@ -110,9 +110,20 @@ def tampered_copy(manifest: Path, into: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(serving_python, built, tmp_path_factory):
+def int4(hf_checkpoints, tmp_path_factory):
+    """The qa and causal-LM heads as int4 artifacts (MatMulNBits graphs), named HEAD-int4."""
+    from exporter.pipeline.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("int4")
+    return {head: build(BuildOptions(head=head, checkpoint=str(hf_checkpoints[head][0]), out=out, precision="int4",
+                                     name=f"{head}-int4", eval_data="none", **tiny_limits(head)), log=lambda _: None)
+            for head in ("qa", "causal-lm")}
+
+
+@pytest.fixture(scope="module")
+def server(serving_python, built, int4, tmp_path_factory):
     work = tmp_path_factory.mktemp("served")
-    artifacts = [built["qa"][0], built["causal-lm"][0], built["sequence-classification"][0],
+    artifacts = [built["qa"][0], built["causal-lm"][0], built["sequence-classification"][0], *int4.values(),
                  tampered_copy(built["nsp"][0], work / "tampered")]
     served = Server(serving_python, artifacts, work / "serve.log")
     yield served
@@ -141,39 +152,45 @@ def outputs_of(session: Session, graph: str) -> list[str]:
 
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
-def test_raw_models_answer_as_the_session_does(server, built, module):
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_raw_models_answer_as_the_session_does(server, built, int4, module, precision):
     url = server.http if module is httpclient else server.grpc
-    for head in ("qa", "sequence-classification"):
-        session = Session(built[head][0])
+    artifacts = {head: path for head, (path, _) in built.items()} if precision == "fp32" else int4
+    for head in ("qa", "sequence-classification") if precision == "fp32" else ("qa",):
+        session = Session(artifacts[head])
         feed = encoded(session, ["Who built the bridge?", "When?"], [SHORT, "In 1850."])
-        served = infer(module, url, head, feed, outputs_of(session, "model"))
+        served = infer(module, url, session.manifest.name, feed, outputs_of(session, "model"))
         for name, expected in session.run(feed).items():
             np.testing.assert_allclose(served[name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{head} {name}")
-    session = Session(built["causal-lm"][0])
+    session = Session(artifacts["causal-lm"])
+    lm = session.manifest.name
     prompt = {k: v for k, v in encoded(session, ["the river flows"]).items() if k != "token_type_ids"}
     prompt["position_ids"] = np.arange(prompt["input_ids"].shape[1], dtype=np.int64)[None]
     expected = session.run(prompt, "prefill")
-    served = infer(module, url, "causal-lm-prefill", prompt, outputs_of(session, "prefill"))
+    served = infer(module, url, f"{lm}-prefill", prompt, outputs_of(session, "prefill"))
     for name in expected:
         np.testing.assert_allclose(served[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
     step = {"input_ids": expected["logits"].argmax(-1).reshape(1, 1).astype(np.int64),
             "attention_mask": np.ones((1, prompt["input_ids"].shape[1] + 1), np.int64),
             "position_ids": np.array([[prompt["input_ids"].shape[1]]], np.int64),
             **{name.replace("present", "past_key_values"): value for name, value in expected.items() if name != "logits"}}
-    served = infer(module, url, "causal-lm-decode", step, outputs_of(session, "decode"))
+    served = infer(module, url, f"{lm}-decode", step, outputs_of(session, "decode"))
     for name, value in session.run(step, "decode").items():
         np.testing.assert_allclose(served[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
-def test_text_models_answer_as_the_session_does(server, built, module):
+def test_text_models_answer_as_the_session_does(server, built, int4, module):
     url = server.http if module is httpclient else server.grpc
     cases = {"qa": ("answer", {"question": "Who built the bridge?", "context": CONTEXT, "top_k": 2}),
              "sequence-classification": ("classify", {"text": ["a calm river", "the town"], "top_k": 2}),
              "causal-lm": ("generate", {"prompt": "the river", "max_new_tokens": 6})}
-    for head, (helper, arguments) in cases.items():
-        expected = getattr(Session(built[head][0]), helper)(**arguments)
-        assert_same_result(ask(module, url, f"{head}-text", arguments), json.loads(json.dumps(expected)))
+    artifacts = [*((built[head][0], case) for head, case in cases.items()),
+                 *((path, cases[head]) for head, path in int4.items())]
+    for path, (helper, arguments) in artifacts:
+        session = Session(path)
+        expected = getattr(session, helper)(**arguments)
+        assert_same_result(ask(module, url, f"{session.manifest.name}-text", arguments), json.loads(json.dumps(expected)))
 
 
 def test_health_readiness_and_a_tampered_artifact_left_unavailable(server):

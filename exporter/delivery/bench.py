@@ -29,6 +29,7 @@ from runtime.errors import UserError
 from runtime.evaluation import evaluate, fitting, read_examples
 from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
+from runtime.manifest_schema import QUANTIZED
 from runtime.pinned import find_manifest
 
 from exporter.sources import checkpoints
@@ -97,7 +98,7 @@ def sessions(path: Path) -> list[tuple[str, Callable[[], Session]]]:
 
     openers = [(f"onnxruntime/{p.removesuffix('ExecutionProvider')}", onnxruntime(p)) for p in preferred]
     if openvino_backend.usable() is None:  # int8: its Q/DQ graph; floats: fp32, and bf16 where the CPU has it
-        float_precisions = ["fp32"] if manifest.precision == "int8" else ["fp32", "bf16"][:1 + openvino_backend.native_bf16()]
+        float_precisions = ["fp32"] if manifest.precision in QUANTIZED else ["fp32", "bf16"][:1 + openvino_backend.native_bf16()]
         openers += [("openvino/CPU", partial(Session, path, backend="openvino", precision=p)) for p in float_precisions]
     if manifest.engines and tensorrt_backend.usable() is None:
         openers.append(("tensorrt", lambda: Session(path, backend="tensorrt")))

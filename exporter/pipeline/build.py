@@ -14,20 +14,14 @@ import ctypes.util
 import gc
 import os
 import platform
-import re
-import resource
 import shutil
-import time
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -35,7 +29,7 @@ from tokenizers import Tokenizer
 
 from runtime import openvino_backend, tensorrt_backend
 from runtime.errors import UserError
-from runtime.files import read_json, sha256_of
+from runtime.files import read_json
 from runtime.heads import HeadSpec, TensorSpec, expand, graph_file
 from runtime.backends import Backend, OnnxRuntimeBackend
 from runtime.openvino_backend import OpenVinoBackend
@@ -45,48 +39,31 @@ from runtime.tensorrt_backend import TensorRTBackend
 from runtime.threads import engine_threads
 from runtime.tokenizer import load_tokenizer
 
-from exporter.precision import calibration
 from exporter.sources import checkpoints, demo
 from exporter.validation.task_metric import Evaluation, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
 from exporter.export.to_onnx import export_graph, written
 from exporter.precision.fp16 import to_fp16
-from exporter.precision.int8 import calibrate, chosen_nodes, quantizable_nodes, sensitive_layers, to_int8_dynamic, to_int8_qdq
+from exporter.precision.int4 import Int4Settings
 from exporter.errors import ValidationFailed
+from exporter.pipeline.progress import Log, say, step
 from exporter.pipeline.publish import publish, staging_folder
+from exporter.pipeline.quantized import (SPECIAL_TOKENS, CalibrationSet, Int4, Int8, Quantized, calibration_problems,
+                                         read_calibration_set, report_sensitive)
 from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS, Recipe, load_recipe
 from exporter.pipeline.options import BuildOptions
 from exporter.tensorrt.engine import build_engine, profile_shapes
 from exporter.tensorrt.parser_check import TABLE as TENSORRT_TABLE
 from exporter.tensorrt.parser_check import graph_problems, load_structure, profile_problems
-from exporter.validation.logits import Case, Comparison, failures, ort_runner, reference_cases, summary, table, validate
+from exporter.validation.logits import Case, Comparison, failures, reference_cases, summary, table, validate
 
-SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
-
-
-Log = Callable[[str], None]
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
-@contextmanager
-def step(log: Log, what: str) -> Iterator[None]:
-    log(f"- {what} ...")
-    start = time.perf_counter()
-    yield
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, the most this process held yet
-    log(f"  done in {time.perf_counter() - start:.1f} s (peak memory so far {peak:.2f} GiB)")
-
-
-def build(options: BuildOptions, log: Log = _say) -> Path:
+def build(options: BuildOptions, log: Log = say) -> Path:
     """Build one artifact; returns its manifest's path. Raises UserError or ValidationFailed."""
     recipe = load_recipe(options.head, options.recipe)
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    engines_wanted = wants_engines(options.backend, log)
+    engines_wanted = wants_engines(options.backend, options.precision, log)
     if threads := engine_threads():  # PyTorch's share of the machine; the sessions read it themselves
         torch.set_num_threads(threads)
     explicit = {axis for axis, value in (("batch", options.max_batch), ("sequence", options.max_sequence),
@@ -102,7 +79,8 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     check_name_is_free(out, name)
     # A bad evaluation or calibration set stops us before any work.
     evaluation = evaluation_for(recipe.head, recipe.evaluation, recipe.accuracy, options.eval_data)
-    calibration_set = read_calibration_set(recipe, options) if options.precision == "int8" else None
+    int4 = Int4Settings.from_recipe(recipe.int4, options.recipe or f"recipes/{options.head}.toml")
+    calibration_set = read_calibration_set(recipe, options) if options.precision in ("int8", "int4") else None
 
     checkpoint = demo.resolve(options.checkpoint or recipe.checkpoint, options.head)
     with step(log, f"loading the {options.head} head from {checkpoint}"):
@@ -121,7 +99,7 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
         raise UserError(f"--out {out}: cannot write there ({err.strerror})") from None
     try:
         context = BuildContext(options, recipe, name, tokenizer, staging, evaluation, calibration_set, engines_wanted,
-                               log, describe(loaded, recipe, options.precision, name, tokenizer))
+                               log, describe(loaded, recipe, options.precision, name, tokenizer), int4)
         manifest = make_artifact(context, loaded)
         if not manifest.validation["passed"]:
             failed = out / f"{name}.failed"
@@ -141,11 +119,20 @@ def build(options: BuildOptions, log: Log = _say) -> Path:
     return out / f"{name}.json"
 
 
-def wants_engines(backend: str, log: Log) -> bool:
+# MatMulNBits is ONNX Runtime's own operator: TensorRT's parser refuses it
+NO_INT4_ENGINES = ("int4 artifacts are MatMulNBits graphs, ONNX Runtime's own operator, which TensorRT's ONNX "
+                   "parser does not take; they run on ONNX Runtime and OpenVINO")
+
+
+def wants_engines(backend: str, precision: str, log: Log) -> bool:
     """Build TensorRT engines? "auto": where TensorRT and a GPU exist; "tensorrt": must (else exit 2)."""
     if backend not in BUILD_BACKENDS:
         raise UserError(f"unknown --backend {backend!r}; choose one of {', '.join(BUILD_BACKENDS)}")
     if backend == "onnxruntime":
+        return False
+    if precision == "int4":
+        if backend == "tensorrt":
+            raise UserError(f"--backend tensorrt: no TensorRT engines for int4: {NO_INT4_ENGINES}")
         return False
     reason = tensorrt_backend.usable()
     if reason is None:
@@ -248,10 +235,11 @@ class BuildContext:
     tokenizer: Tokenizer
     staging: Path  # where the artifact is made
     evaluation: Evaluation | None  # the task metric's examples and bounds (None: logits decide)
-    calibration_set: CalibrationSet | None  # int8 only
+    calibration_set: CalibrationSet | None  # int8 and int4 only
     engines_wanted: bool  # build TensorRT engines
     log: Log
     manifest: Manifest  # filled in as the build goes
+    int4: Int4Settings  # how int4 weights are made (the recipe's [int4])
     cases: list[Case] = field(default_factory=list)  # validation inputs with PyTorch's outputs
 
     @property
@@ -310,27 +298,30 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
     loaded.model.to("meta")
     give_back_freed_memory()
 
-    # fp16 and int8 are made from the fp32 graphs, kept aside in fp32/ until the artifact is complete
+    # fp16, int8 and int4 are made from the fp32 graphs, kept aside in fp32/ until the artifact is complete
     fp32 = graphs if precision == "fp32" else {graph: set_aside(path, staging / "fp32") for graph, path in graphs.items()}
     for_tensorrt = dict(graphs)  # what TensorRT builds from
-    int8: Int8 | None = None
+    quantized: Quantized | None = None
     if precision == "fp16":
         for graph, path in graphs.items():
             with step(log, f"converting {path.name} to fp16"):
                 to_fp16(fp32[graph], path)
-    elif context.calibration_set is not None:
-        int8 = Int8(context, fp32, graphs)
-        for_tensorrt = int8.quantize(int8.forced)
+    elif precision == "int8":
+        quantized = Int8(context, fp32, graphs)
+    elif precision == "int4":
+        quantized = Int4(context, fp32, graphs, context.int4)
+    if quantized is not None:
+        for_tensorrt = quantized.quantize(quantized.start())
     forms = [Form("onnxruntime", precision, graphs), *([Form("onnxruntime q/dq", precision, for_tensorrt)]
                                                        if precision == "int8" else []),
              *openvino_forms(precision, graphs, for_tensorrt, log)]
     measured = check_forms(context, forms)
     stopped: list[str] = []
-    if int8 is not None and evaluation is not None and required_problems(forms, measured, evaluation):
+    if quantized is not None and evaluation is not None and required_problems(forms, measured, evaluation):
         # Each repair step measures the forms that decide; OpenVINO's are measured once, on what it left
         required, optional = [f for f in forms if f.required], [f for f in forms if not f.required]
-        measured, stopped = int8.repair(evaluation, lambda: check_forms(context, required), measured,
-                                        lambda again: required_problems(forms, again, evaluation))
+        measured, stopped = quantized.repair(evaluation, lambda: check_forms(context, required), measured,
+                                             lambda again: required_problems(forms, again, evaluation))
         if optional:
             results, accuracy = check_forms(context, optional)
             measured = (measured[0] + results, {**measured[1], **accuracy})
@@ -339,13 +330,14 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
     for form in (f for f in forms if not f.required and not verdicts[f.name]):
         log(f"note: {form.name} failed validation; Session's backend='auto' will not use it "
             f"({'; '.join(form_problems(form, measured, evaluation))})")
-    if int8 is not None:
-        problems = calibration_problems(int8.record, recipe) + problems
-        if problems:
-            int8.record["sensitive_layers"] = int8.ranking()[:5]
-            report_sensitive(int8.record["sensitive_layers"], log)
+    if isinstance(quantized, Int8):
+        problems = calibration_problems(quantized.record, recipe) + problems
+    if quantized is not None and problems:
+        quantized.record["sensitive_layers"] = quantized.ranking()[:5]
+        report_sensitive(quantized.record["sensitive_layers"], log, precision)
 
-    tensorrt_record = {"parser_check": tensorrt_check(spec, manifest.config, recipe.shape_limits, for_tensorrt, log)}
+    tensorrt_record = ({"not_built": NO_INT4_ENGINES} if precision == "int4" else
+                       {"parser_check": tensorrt_check(spec, manifest.config, recipe.shape_limits, for_tensorrt, log)})
     if not problems and context.engines_wanted:
         engines = make_engines(context, for_tensorrt, tensorrt_record)
         forms.append(engines)
@@ -361,7 +353,7 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
             manifest.graphs[graph]["tensorrt_file"] = path.name
     manifest.validation = summary(measured[0], precision, recipe.tolerance[precision], problems, verdicts)
     manifest.accuracy = evaluation.record(precision, [f.name for f in forms if f.required]) if evaluation else {}
-    manifest.quantization = int8.record if int8 else {}
+    manifest.quantization = quantized.record if quantized else {}
     manifest.tensorrt = tensorrt_record
     manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     files = [p.name for p in staging.iterdir() if p.is_file() and p.name != f"{name}.json"]
@@ -475,140 +467,6 @@ def required_problems(forms: list[Form], measured: Measured, evaluation: Evaluat
     return [problem for form in forms if form.required for problem in form_problems(form, measured, evaluation)]
 
 
-@dataclass(frozen=True)
-class CalibrationSet:
-    data: Path
-    asked: int  # examples asked for (the file may hold fewer)
-    method: str  # minmax, entropy or percentile
-    examples: list[calibration.Example]
-    keep_float: list[str]  # module-path globs kept in float from the start
-
-
-def read_calibration_set(recipe: Recipe, options: BuildOptions) -> CalibrationSet:
-    data = Path(options.calibration_data or recipe.calibration["data"])
-    asked = options.calibration_samples or recipe.calibration.get("samples", 32)
-    examples = calibration.read_examples(data, recipe.spec, asked, recipe.shape_limits.get("choices", [0, 4, 0])[1])
-    return CalibrationSet(data, asked, options.calibration_method or recipe.calibration.get("method", "minmax"),
-                          examples, list(options.keep_float))
-
-
-class Int8:
-    """The int8 forms of every graph, calibrated once and re-quantized as layers are kept in float: the
-    Q/DQ one TensorRT builds from, and the dynamic one ONNX Runtime runs fast on CPU (at `graphs`)."""
-
-    def __init__(self, context: BuildContext, fp32: dict[str, Path], graphs: dict[str, Path]):
-        assert context.calibration_set is not None
-        chosen, spec, tokenizer, log = context.calibration_set, context.spec, context.tokenizer, context.log
-        self.fp32, self.graphs, self.log = fp32, graphs, log
-        data, samples, self.method = chosen.data, chosen.asked, chosen.method
-        with step(log, f"making calibration inputs from {data}"):
-            self.feeds = calibration_feeds(spec, context.recipe, tokenizer, chosen.examples, fp32)
-        if self.method != "minmax":  # histograms need one shape (minmax takes each input as it is)
-            pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
-            self.feeds = {graph: calibration.same_shapes(f, spec.padding_side == "left", pad)
-                          for graph, f in self.feeds.items()}
-        count = len(next(iter(self.feeds.values())))
-        log(f"  {count} examples (asked for {samples})" if count < samples else f"  {count} examples")
-        self.qdq = {graph: context.staging / graph_file(context.name, graph, ".qdq.onnx") for graph in graphs}
-        self.forced = chosen.keep_float
-        specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS.values()}
-        ids = {int(i) for f in next(iter(self.feeds.values())) for i in np.unique(f["input_ids"])} - specials
-        self.record: dict[str, Any] = {
-            "method": self.method, "samples": count, "distinct_tokens": len(ids), "data": str(data),
-            "data_sha256": sha256_of(data), "kept_float": self.forced, "repair": [], "repaired_layers": [],
-            "forms": {"onnxruntime": "dynamic: s8 weights per channel (7-bit range), u8 activations quantized per call "
-                                     "(DynamicQuantizeLinear + MatMulInteger)",
-                      "tensorrt": "static Q/DQ: s8 symmetric, weights per channel, activations per tensor, "
-                                  "zero points 0; MatMul/Gemm inputs only"}}
-        self._ranking: list[dict[str, Any]] | None = None
-
-    def quantize(self, keep_float: list[str]) -> dict[str, Path]:
-        """Write both forms with `keep_float` (module-path globs) left in float; returns the Q/DQ paths."""
-        for graph, path in self.graphs.items():
-            ranges = self.fp32[graph].with_suffix(".calibration.json")
-            if not ranges.exists():  # the same ranges serve every repair step
-                with step(self.log, f"calibrating {self.fp32[graph].name} ({self.method})"):
-                    calibrate(self.fp32[graph], self.feeds[graph], self.method, ranges, self.log)
-            with step(self.log, f"quantizing {self.qdq[graph].name} (Q/DQ, for TensorRT)"):
-                to_int8_qdq(self.fp32[graph], self.qdq[graph], ranges, self.method, keep_float, self.log)
-            with step(self.log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):
-                to_int8_dynamic(self.fp32[graph], path, keep_float, self.log)
-        self.record["kept_float"] = keep_float
-        return self.qdq
-
-    def ranking(self) -> list[dict[str, Any]]:
-        """Every quantized layer, the one losing most to int8 first (signal-to-quantization-noise)."""
-        if self._ranking is None:
-            with step(self.log, "measuring each quantized layer's loss to int8"):
-                self._ranking = sorted((dict(row, graph=graph) for graph, path in self.qdq.items()
-                                        for row in sensitive_layers(path, self.feeds[graph][:4], top=None)),
-                                       key=lambda row: row["sqnr_db"])
-        return self._ranking
-
-    def repair(self, evaluation: Evaluation, check: Callable[[], Measured], measured: Measured,
-               problems_of: Callable[[Measured], list[str]]) -> tuple[Measured, list[str]]:
-        """Put the layers that lose most to int8 back in float one at a time, re-quantizing and
-        re-measuring, until the accuracy bound holds or more than a quarter of the products would be
-        float. Returns the last measurement, and why the repair stopped short if it did."""
-        kept = list(self.forced)
-        fp32 = onnx.load(str(next(iter(self.fp32.values()))), load_external_data=False)
-        total = len(quantizable_nodes(fp32))
-
-        def note(layer: str | None) -> None:
-            self.record["repair"].append({"kept_float": list(kept), "float_products": total - len(chosen_nodes(fp32, kept)),
-                                          "metric": {form: scores.get(evaluation.metric)  # the forms this step measured
-                                                     for form, scores in evaluation.results.items()
-                                                     if form == evaluation.reference_form or form in measured[1]},
-                                          "decided_early": {form: dict(e) for form, e in evaluation.early.items()
-                                                            if form in measured[1]}})
-            if layer:
-                self.record["repaired_layers"].append(layer)
-
-        note(None)  # where int8 started
-        for layer in dict.fromkeys(row["layer"] for row in self.ranking() if row["layer"] not in kept):
-            floats = total - len(chosen_nodes(fp32, [*kept, layer]))
-            if floats > total / 4:
-                return measured, [f"int8 repair stopped: keeping {layer} in float too would leave {floats} of "
-                                  f"{total} matrix products in float (more than a quarter)"]
-            kept.append(layer)
-            self.log(f"- int8 misses its accuracy bound: keeping {layer} in float ({floats} of {total} products)")
-            self.quantize(kept)
-            measured = check()
-            note(layer)
-            if not problems_of(measured):
-                break
-        return measured, []
-
-
-def calibration_feeds(spec: HeadSpec, recipe: Recipe, tokenizer: Tokenizer, examples: list[calibration.Example],
-                      fp32: dict[str, Path]) -> dict[str, list[dict[str, np.ndarray]]]:
-    limits = recipe.shape_limits
-    cutting = calibration.truncating(tokenizer, limits["sequence"][2])
-    pad = tokenizer.token_to_id(SPECIAL_TOKENS["pad"]) or 0
-    if "prefill" not in spec.graphs:
-        return {"model": [calibration.encoder_feed(e, spec, cutting, limits, pad) for e in examples]}
-    prefill = ort_runner(fp32["prefill"])
-    pairs = [calibration.causal_feeds(e, cutting, limits, tokenizer.token_to_id(SPECIAL_TOKENS["cls"]), prefill)
-             for e in examples]
-    return {graph: [p[graph] for p in pairs] for graph in spec.graphs}
-
-
-def report_sensitive(layers: list[dict[str, Any]], log: Log) -> None:
-    """Name the layers int8 hurts most, and how to keep them in float: where most of them are one kind
-    of product in different encoder layers (at every size measured: the MLP's second, `*.output.dense`,
-    which reads GELU's long-tailed output), a pattern for that kind in every layer too."""
-    log("  layers losing most to int8 (signal-to-quantization-noise, dB; lower is worse): "
-        + ", ".join(f"{row['layer']} {row['sqnr_db']}" for row in layers))
-    if not layers:
-        return
-    log(f"  keep layers in float with --keep-float PATTERN, e.g. --keep-float '{layers[0]['layer']}'")
-    kinds = Counter(re.sub(r"\.\d+\.", ".*.", row["layer"], count=1) for row in layers)
-    kind, count = kinds.most_common(1)[0]
-    if "*" in kind and count > 1 and count > len(layers) / 2:
-        log(f"  {count} of these {len(layers)} are the same product in different layers: "
-            f"--keep-float '{kind}' keeps it in float in every layer")
-
-
 def tensorrt_check(spec: HeadSpec, config: dict[str, Any], limits: dict[str, list[int]], graphs: dict[str, Path],
                    log: Log) -> dict[str, Any]:
     """Would TensorRT's ONNX parser take these graphs, with this profile? (No TensorRT needed.)"""
@@ -637,18 +495,6 @@ def make_engines(context: BuildContext, sources: dict[str, Path], record: dict[s
         with step(context.log, f"building the TensorRT engine {plans[graph].name} from {source.name}"):
             record.update(build_engine(source, plans[graph], shapes, context.precision, context.options.engine))
     return Form("tensorrt", context.precision, plans, "tensorrt", built_with=record)
-
-
-def calibration_problems(quantization: dict[str, Any], recipe: Recipe) -> list[str]:
-    """Calibration data that cannot stand for real inputs fails validation whatever the accuracy shows
-    (a model with random weights barely notices)."""
-    needed = recipe.calibration.get("min_distinct_tokens", 16)
-    found = quantization["distinct_tokens"]
-    if found >= needed:
-        return []
-    return [f"the calibration data is degenerate: its {quantization['samples']} examples hold {found} distinct "
-            f"ordinary tokens (padding and special tokens aside), the recipe asks for {needed}; calibrate on "
-            "real text (--calibration-data)"]
 
 
 def _tensor(t: TensorSpec) -> dict[str, object]:

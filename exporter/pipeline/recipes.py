@@ -37,6 +37,7 @@ class Recipe:
     tokenizer: str | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)  # data (a .jsonl) and the deciding metric
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> {"max_drop": points}
+    int4: dict[str, Any] = field(default_factory=dict)  # how int4 weights are made (exporter.precision.int4)
 
     @property
     def spec(self) -> HeadSpec:
@@ -102,7 +103,7 @@ def load_recipe(head: str, path: str | Path | None = None) -> Recipe:
     data = _merge(_read_toml(RECIPES_DIR / "defaults.toml"), _read_toml(path))
     data.pop("head", None)
     unknown = set(data) - {"checkpoint", "tokenizer", "shape_limits", "tolerance", "calibration", "task", "demo",
-                           "evaluation", "accuracy"}
+                           "evaluation", "accuracy", "int4"}
     if unknown:
         raise UserError(f"{path}: unknown recipe keys: {', '.join(sorted(unknown))}")
     # Relative paths in a recipe are relative to the recipe that names them.

@@ -123,7 +123,11 @@ class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships n
 
 
 def _large(path: Path) -> bool:
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data")) > to_onnx.EXTERNAL_DATA_OVER
+    """Whether a graph with its weights is over the size whose quantized graph keeps external data: its
+    file and every external-data file it names (an untied graph names two)."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files) > to_onnx.EXTERNAL_DATA_OVER
 
 
 # ONNX Runtime's calibrators' settings for the histogram methods (create_calibrator's defaults)
@@ -246,18 +250,20 @@ def dynamic_int8(source: Path, target: Path, nodes: list[str]) -> None:
 def to_int8_qdq(source: Path, target: Path, cache: Path, method: str, keep_float: list[str],
                 log: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Write the symmetric Q/DQ graph TensorRT builds from, with the ranges `calibrate` measured by `method`."""
-    return in_pieces(source, target, keep_float, functools.partial(qdq_int8, cache, method), log)
+    return in_pieces(source, target, lambda model: chosen_nodes(model, keep_float),
+                     functools.partial(qdq_int8, cache, method), log)
 
 
 def to_int8_dynamic(source: Path, target: Path, keep_float: list[str],
                     log: Callable[[str], None] = lambda _: None) -> list[Path]:
     """Write the dynamically quantized graph (u8 activations, s8 weights) ONNX Runtime runs fast on CPU."""
-    return in_pieces(source, target, keep_float, dynamic_int8, log)
+    return in_pieces(source, target, lambda model: chosen_nodes(model, keep_float), dynamic_int8, log)
 
 
-def in_pieces(source: Path, target: Path, keep_float: list[str], quantize: Callable[[Path, Path, list[str]], None],
-              log: Callable[[str], None] = lambda _: None) -> list[Path]:
-    """Quantize `source` into `target` by ONNX Runtime's quantizer (`quantize(piece, out, nodes)`), one
+def in_pieces(source: Path, target: Path, choose: Callable[[onnx.ModelProto], list[str]],
+              quantize: Callable[[Path, Path, list[str]], None], log: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """Quantize the products `choose(model)` names in `source` into `target` by ONNX Runtime's quantizer
+    (`quantize(piece, out, nodes)`), one
     small graph at a time: the products that read one activation (which share its quantization) and
     that activation's other readers (which the Q/DQ form rewires to its dequantized copy), with their
     weights. Given the whole graph, ONNX Runtime's quantizers hold every fp32 weight they replaced
@@ -268,7 +274,7 @@ def in_pieces(source: Path, target: Path, keep_float: list[str], quantize: Calla
     model = onnx.load(str(source), load_external_data=False)
     weights = {t.name: t for t in model.graph.initializer}
     infos = value_infos(model)
-    chosen = set(chosen_nodes(model, keep_float))
+    chosen = set(choose(model))
     activation = {n.name: next(i for i in n.input if i not in weights) for n in model.graph.node if n.name in chosen}
     pieces: dict[str, list[onnx.NodeProto]] = {a: [] for a in activation.values()}
     placed: dict[str, int] = {}  # node -> its position in the graph, which its piece's nodes take
