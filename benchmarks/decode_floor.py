@@ -11,10 +11,11 @@ a step also reads is printed beside them.
 Each artifact is timed as `bench` times generation: a prompt of --prompt tokens, then --new-tokens
 greedy tokens, batch 1, on every backend that runs it here; prefill is the first token's time.
 With --profile, ONNX Runtime's profiler splits one decode step (after --prompt + 32 tokens) by
-operator type, to say which operator holds the time above the floor.
+operator type, to say which operator holds the time above the floor; with --kernels, one step's 4-bit
+products are timed alone with each library that has a 4-bit CPU kernel (ONNX Runtime, PyTorch).
 
     python benchmarks/decode_floor.py artifacts/bench-345m/lm-fp32.json artifacts/bench-345m/lm-int8.json \\
-        artifacts/bench-345m/lm-int4.json [--prompt 128] [--new-tokens 64] [--profile] [--json FILE]
+        artifacts/bench-345m/lm-int4.json [--prompt 128] [--new-tokens 64] [--profile] [--kernels] [--json FILE]
 """
 
 from __future__ import annotations

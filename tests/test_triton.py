@@ -25,12 +25,13 @@ json_format = pytest.importorskip("google.protobuf.json_format")
 TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
 
-def test_repository_matches_the_graphs(built, built_int8, tmp_path, capsys):
-    artifacts = [built["qa"][0], built["multiple-choice"][0], built["causal-lm"][0], built_int8["nsp"][0]]
+def test_repository_matches_the_graphs(built, built_int8, built_int4, tmp_path, capsys):
+    artifacts = [built["qa"][0], built["multiple-choice"][0], built["causal-lm"][0], built_int8["nsp"][0],
+                 built_int4["token-classification"][0]]
     repository = tmp_path / "models"
     assert main(["triton", *map(str, artifacts), "--out", str(repository)]) == 0
     assert "wrote" in capsys.readouterr().out
-    expected_models = {"qa", "multiple-choice", "causal-lm-prefill", "causal-lm-decode", "nsp"}
+    expected_models = {"qa", "multiple-choice", "causal-lm-prefill", "causal-lm-decode", "nsp", "token-classification"}
     assert {p.name for p in repository.iterdir()} == expected_models
     for model in expected_models:
         config = text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -40,6 +41,8 @@ def test_repository_matches_the_graphs(built, built_int8, tmp_path, capsys):
         assert config.max_batch_size == manifest.shape_limits["batch"][2]
         if manifest.precision == "int8":  # its CPU form scales per call: another request's rows would move its answer
             assert not config.HasField("dynamic_batching")
+        if manifest.precision == "int4":  # MatMulNBits, read from the artifact as it is
+            assert any(n.op_type == "MatMulNBits" for n in graph.node)
         else:
             assert list(config.dynamic_batching.preferred_batch_size) == [manifest.shape_limits["batch"][1]]
         assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
