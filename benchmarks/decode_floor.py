@@ -21,7 +21,6 @@ products are timed alone with each library that has a 4-bit CPU kernel (ONNX Run
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import tempfile
@@ -36,6 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from exporter.delivery.bench import bench_generation, machine
+from exporter.precision.int4 import nbits_quantizer
 from runtime import feeds
 from runtime.manifest import Manifest
 from runtime.machine import timed
@@ -114,7 +114,7 @@ def int4_kernels(config: dict[str, int], block: int = 32) -> dict[str, dict[str,
     rng = np.random.default_rng(0)
     spent = {"onnxruntime MatMulNBits": 0.0, "pytorch int4pack": 0.0}
     packed = 0.0
-    nbits = importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
+    nbits = nbits_quantizer()
     for (k, n), count in shapes.items():
         weight = rng.standard_normal((k, n)).astype(np.float32) * 0.02
         graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="product")], "p",
@@ -163,7 +163,7 @@ def main() -> None:
                          "weights_mb": read["weights"] / 1e6, "cache_mb": read["cache"] / 1e6,
                          "per_token_ms": result.per_token_ms, "first_token_ms": result.first_token_ms})
         if args.profile:
-            profiles[manifest.name] = profile_step(path, middle)
+            profiles[f"{manifest.name} ({manifest.precision})"] = profile_step(path, middle)
     kernels = int4_kernels(Manifest.load(find_manifest(args.artifacts[0])).config) if args.kernels else {}
     after = read_bandwidth()
     bandwidth = {kind: max(before[kind], after[kind]) for kind in before}

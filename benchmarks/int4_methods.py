@@ -10,20 +10,13 @@ of one call (batch 1, 128 tokens; a causal LM's decode step after 128).
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from calibration_methods import first_calibration
-from exporter.delivery.bench import machine
-from exporter.pipeline.build import BuildOptions, ValidationFailed, build
+from calibration_methods import built, comparison, first_calibration, summarize
+from exporter.pipeline.build import BuildOptions
 from exporter.pipeline.recipes import RECIPES_DIR
 from runtime import Session, backend_choice, feeds
-from runtime.heads import HEADS
 from runtime.manifest import Manifest
 
 SETTINGS = {"rtn symmetric 32": 'method = "rtn"\nsymmetric = true\nblock_size = 32',
@@ -41,25 +34,14 @@ def call_ms(path: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heads", default=",".join(HEADS))
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="int4-"))
-    host = machine()
-    print(f"{host['cpu']} ({', '.join(host['cpu_flags'])}), {host['cores']} cores")
+    args, out, host = comparison(__doc__, "int4-")
     rows = []
     for head in args.heads.split(","):
         for number, (setting, section) in enumerate(SETTINGS.items()):
             recipe = out / f"{head}-{number}.toml"  # the head's recipe with this [int4]
             recipe.write_text((RECIPES_DIR / f"{head}.toml").read_text() + f"\n[int4]\n{section}\n")
             name, start = f"{head}-{number}", time.perf_counter()
-            try:
-                path = build(BuildOptions(head=head, precision="int4", recipe=str(recipe), out=out, name=name),
-                             log=lambda _: None)
-            except ValidationFailed:
-                path = out / f"{name}.failed" / f"{name}.json"
+            path = built(BuildOptions(head=head, precision="int4", recipe=str(recipe), out=out, name=name))
             seconds = time.perf_counter() - start
             manifest = Manifest.load(path)
             metric = first_calibration(manifest)
@@ -76,14 +58,7 @@ def main() -> None:
             print(f"{head:<24} {setting:<18} {r['metric']:<20} fp32 {reference:6.2f}  int4 {r['int4']:6.2f}  "
                   f"worst drop {r['worst_drop']:5.2f}  moved {r['moved']}  {r['mb']:.2f} MB  call {r['call_ms']} ms  "
                   f"build {r['build_s']:.0f} s", flush=True)
-    print()
-    for setting in SETTINGS:
-        mine = [r for r in rows if r["setting"] == setting]
-        print(f"{setting:<18} mean worst drop {np.mean([r['worst_drop'] for r in mine]):5.2f} points, "
-              f"max {max(r['worst_drop'] for r in mine):5.2f}, products moved {sum(r['moved'] for r in mine)}")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": host, "rows": rows}, indent=1) + "\n")
-
+    summarize(rows, "setting", list(SETTINGS), "moved", args.json, host)
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ from exporter.delivery.http_guard import MAX_REQUEST_BYTES
 from exporter.interrupts import exit_at_once
 from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS, RECIPES_DIR
 from exporter.flags import add_arguments
-from exporter.pipeline.options import BuildOptions, from_arguments
+from exporter.pipeline.options import QUANTIZED, BuildOptions, from_arguments
 from exporter.tensorrt.engine import EngineOptions
 from exporter.delivery.triton import QUEUE_DELAY_US
 
@@ -79,7 +79,7 @@ def parser() -> Parser:
         return commands.add_parser(name, help=short, description=long)
 
     b = command("build")
-    groups = {"int8": b.add_argument_group("int8"), "TensorRT": b.add_argument_group("TensorRT")}
+    groups = {QUANTIZED: b.add_argument_group(QUANTIZED), "TensorRT": b.add_argument_group("TensorRT")}
     for declared in (BuildOptions, EngineOptions):
         add_arguments(b, declared, groups)
 

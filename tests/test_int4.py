@@ -4,6 +4,9 @@ bits, then to float; opened by Session, verify and bench like any other artifact
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -131,3 +134,19 @@ def test_tensorrt_engines_for_int4_are_refused_in_one_line(tmp_path, capsys):
     assert main(["build", "--head", "qa", "--precision", "int4", "--backend", "tensorrt", "--out",
                  str(tmp_path / "out")]) == 2
     assert "no TensorRT engines for int4" in capsys.readouterr().err
+
+
+def test_the_decode_floor_benchmark_prints_each_precision_beside_its_floor(built, built_int4, tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/decode_floor.py", str(built["causal-lm"][0]),
+                             str(built_int4["causal-lm"][0]), "--prompt", "8", "--new-tokens", "4", "--iterations", "1",
+                             "--profile", "--kernels", "--json", str(tmp_path / "floor.json")],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "floor.json").read_text())
+    rows = {(r["precision"], r["backend"]): r for r in figures["rows"]}
+    fp32, int4 = rows[("fp32", "onnxruntime/CPU")], rows[("int4", "onnxruntime/CPU")]
+    assert int4["weights_mb"] < fp32["weights_mb"] / 3  # 4-bit weights and their scales against fp32's
+    assert all(r["floor_ms"] > 0 and r["per_token_ms"] > 0 and r["first_token_ms"] > 0 for r in rows.values())
+    assert "MatMulNBits" in figures["profiles"]["causal-lm (int4)"] and "MatMul" in figures["profiles"]["causal-lm (fp32)"]
+    assert set(figures["int4_kernels"]) == {"onnxruntime MatMulNBits", "pytorch int4pack"}
+    assert "x floor" in result.stdout and "read bandwidth" in result.stdout

@@ -87,14 +87,16 @@ def test_int8_is_within_its_bound_of_fp32_on_every_head(demo_builds, head):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_int4_passes_its_gate_on_every_head_with_every_product_it_could_in_4_bits(demo_builds, head):
+def test_int4_passes_its_gate_on_every_head(demo_builds, head):
     _, out, _, _ = demo_builds
     manifest = Manifest.load(out / f"{head}-int4.json")
     accuracy, record = manifest.accuracy, manifest.quantization
     reference = accuracy["results"][accuracy["reference"]][accuracy["metric"]]
     for form in manifest.validation["forms"]:  # ONNX Runtime's, and OpenVINO's where it runs here
         assert reference - accuracy["results"][form][accuracy["metric"]] <= accuracy["max_drop"] == 2.0
-    assert record["kept_float"] == [] and record["eight_bits"] == [] and record["repair"] == []
+    # base sits at its bound (80.5 against 82.5 on the AVX-512 EPYC): another CPU's kernel may need a repair
+    assert set(record["eight_bits"]) | set(record["kept_float"]) == set(record["repaired_layers"])
+    assert all(step["off_four_bits"] <= 25 / 4 for step in record["repair"])
 
 
 def test_the_readme_answer_and_words_from_generate(demo_builds):

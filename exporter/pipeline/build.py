@@ -119,7 +119,6 @@ def build(options: BuildOptions, log: Log = say) -> Path:
     return out / f"{name}.json"
 
 
-# MatMulNBits is ONNX Runtime's own operator: TensorRT's parser refuses it
 NO_INT4_ENGINES = ("int4 artifacts are MatMulNBits graphs, ONNX Runtime's own operator, which TensorRT's ONNX "
                    "parser does not take; they run on ONNX Runtime and OpenVINO")
 

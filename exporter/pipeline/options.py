@@ -16,6 +16,8 @@ from exporter.precision.calibration import CALIBRATION_METHODS
 from exporter.pipeline.recipes import BUILD_BACKENDS, PRECISIONS
 from exporter.tensorrt.engine import EngineOptions
 
+QUANTIZED = "int8 and int4"  # the --help section of what quantizing reads
+
 
 @dataclass
 class BuildOptions:
@@ -51,14 +53,15 @@ class BuildOptions:
     eval_data: str | None = option("task-accuracy evaluation set: a .jsonl with the head's fields and gold "
                                    "answers; none: judge by logits alone (default: the recipe's)", metavar="FILE|none")
     calibration_data: str | None = option(
-        "representative text: a .txt of lines, or a .jsonl with the head's fields, e.g. question/context for qa",
-        metavar="FILE", group="int8", recipe="calibration.data")
-    calibration_method: str | None = option("how activation ranges are chosen", choices=CALIBRATION_METHODS,
-                                            group="int8", recipe="calibration.method")
-    calibration_samples: int | None = option("examples to calibrate on", metavar="N", group="int8",
+        "representative text (int8 calibrates on it; int4 ranks its products on it to repair): a .txt of lines, "
+        "or a .jsonl with the head's fields, e.g. question/context for qa",
+        metavar="FILE", group=QUANTIZED, recipe="calibration.data")
+    calibration_method: str | None = option("how int8's activation ranges are chosen", choices=CALIBRATION_METHODS,
+                                            group=QUANTIZED, recipe="calibration.method")
+    calibration_samples: int | None = option("examples to calibrate on", metavar="N", group=QUANTIZED,
                                              recipe="calibration.samples")
     keep_float: list[str] = option("leave layers matching this glob over module names in float, e.g. "
-                                   "'bert.encoder.layer.23.*' (repeatable)", [], metavar="PATTERN", group="int8")
+                                   "'bert.encoder.layer.23.*' (repeatable)", [], metavar="PATTERN", group=QUANTIZED)
     backend: str = option("tensorrt: build NAME.plan engines or fail; onnxruntime: no engines; auto: engines "
                           "where TensorRT and a GPU exist", "auto", choices=BUILD_BACKENDS, group="TensorRT")
     engine: EngineOptions = field(default_factory=EngineOptions)  # its own fields declare its flags

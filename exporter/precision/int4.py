@@ -14,6 +14,7 @@ import functools
 import importlib
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from onnx import numpy_helper
 from runtime.errors import UserError
 from runtime.threads import ort_options
 
-from exporter.precision.int8 import Feed, Tensors, _large, chosen_nodes, in_pieces, measuring, quiet, value_infos
+from exporter.precision.int8 import Feed, Tensors, large, chosen_nodes, in_pieces, measuring, quiet, value_infos
 
 METHODS = ("rtn", "hqq")  # plain rounding to the nearest level; ONNX Runtime's half-quadratic quantization
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -47,12 +48,12 @@ class Int4Settings:
         if unknown:
             raise UserError(f"{where}: unknown int4 keys: {', '.join(sorted(unknown))}")
         settings = cls(**section)  # type: ignore[arg-type]
-        if settings.block_size not in BLOCK_SIZES:
+        if type(settings.block_size) is not int or settings.block_size not in BLOCK_SIZES:
             raise UserError(f"{where}: int4.block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
                             f"got {settings.block_size!r}")
         if not isinstance(settings.symmetric, bool):
             raise UserError(f"{where}: int4.symmetric must be true or false, got {settings.symmetric!r}")
-        if settings.accuracy_level not in (0, 1, 2, 3, 4):
+        if type(settings.accuracy_level) is not int or settings.accuracy_level not in (0, 1, 2, 3, 4):
             raise UserError(f"{where}: int4.accuracy_level must be 0-4, got {settings.accuracy_level!r}")
         if settings.method not in METHODS:
             raise UserError(f"{where}: int4.method must be one of {', '.join(METHODS)}, got {settings.method!r}")
@@ -86,7 +87,7 @@ def untied(source: Path) -> Path:
     if not products:
         return source
     target = source.with_name(f"{source.stem}.untied.onnx")
-    with Tensors(target, source.parent, external=_large(source)) as tensors:
+    with Tensors(target, source.parent, external=large(source)) as tensors:
         for name in dict.fromkeys(transposes[n.input[1]].input[0] for n in products):
             table = numpy_helper.to_array(tensors.loaded(weights[name]))
             tensors.add([numpy_helper.from_array(np.ascontiguousarray(table.T), f"{name}.transposed")])
@@ -133,7 +134,9 @@ def quantize_piece(settings: Int4Settings, eight_bits: frozenset[str], piece: Pa
                                          is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
                                          nodes_to_exclude=[n.name for n in model.graph.node if n.name not in these],
                                          algo_config=config)
-        quantizer.process()
+        with warnings.catch_warnings():  # hqq hands torch a read-only array it only reads
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            quantizer.process()
         model = quantizer.model.model
     onnx.save(model, str(out))
 

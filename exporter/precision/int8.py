@@ -122,7 +122,7 @@ class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships n
         return feed
 
 
-def _large(path: Path) -> bool:
+def large(path: Path) -> bool:
     """Whether a graph with its weights is over the size whose quantized graph keeps external data: its
     file and every external-data file it names (an untied graph names two)."""
     model = onnx.load(str(path), load_external_data=False)
@@ -229,7 +229,7 @@ def qdq_int8(cache: Path, method: str, source: Path, target: Path, nodes: list[s
     quantize_static(str(source), str(target), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, calibrate_method=METHODS[method], nodes_to_quantize=nodes,
-                    use_external_data_format=_large(source),
+                    use_external_data_format=large(source),
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                    "QuantizeBias": False,  # int32 biases: TensorRT dequantizes int8 only
                                    # products stay float into the bias and residual adds
@@ -244,7 +244,7 @@ def dynamic_int8(source: Path, target: Path, nodes: list[str]) -> None:
     # into 16 bits, which full-range weights overflow (seen here: a KV cache's cosine 0.985 -> 0.99+).
     quantize_dynamic(str(source), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                      reduce_range=True, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                     use_external_data_format=_large(source))
+                     use_external_data_format=large(source))
 
 
 def to_int8_qdq(source: Path, target: Path, cache: Path, method: str, keep_float: list[str],
@@ -285,7 +285,7 @@ def in_pieces(source: Path, target: Path, choose: Callable[[onnx.ModelProto], li
             placed[node.name] = position
     nodes = [(position, node) for position, node in enumerate(model.graph.node) if node.name not in placed]
     opsets = {o.domain: o.version for o in model.opset_import}
-    with Tensors(target, source.parent, external=_large(source)) as tensors, \
+    with Tensors(target, source.parent, external=large(source)) as tensors, \
             tempfile.TemporaryDirectory() as scratch, quiet():
         piece, out = Path(scratch) / "piece.onnx", Path(scratch) / "quantized.onnx"
         for count, members in enumerate(pieces.values(), 1):
