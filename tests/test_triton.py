@@ -39,10 +39,9 @@ def test_repository_matches_the_graphs(built, built_int8, built_int4, tmp_path, 
         graph = onnx.load(str(repository / model / "1" / "model.onnx")).graph
         manifest = Manifest.load(next(a for a in artifacts if model.startswith(Manifest.load(a).name)))
         assert config.max_batch_size == manifest.shape_limits["batch"][2]
+        assert (manifest.precision == "int4") == any(n.op_type == "MatMulNBits" for n in graph.node)
         if manifest.precision == "int8":  # its CPU form scales per call: another request's rows would move its answer
             assert not config.HasField("dynamic_batching")
-        if manifest.precision == "int4":  # MatMulNBits, read from the artifact as it is
-            assert any(n.op_type == "MatMulNBits" for n in graph.node)
         else:
             assert list(config.dynamic_batching.preferred_batch_size) == [manifest.shape_limits["batch"][1]]
         assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU

@@ -6,6 +6,7 @@ until the bound holds or more than a quarter of the products would have left the
 
 from __future__ import annotations
 
+import abc
 import functools
 import re
 from collections import Counter
@@ -56,7 +57,7 @@ def read_calibration_set(recipe: Recipe, options: BuildOptions) -> CalibrationSe
                           examples, list(options.keep_float))
 
 
-class Quantized:
+class Quantized(abc.ABC):
     """What int8 and int4 share: the calibration inputs, the record the manifest keeps, and the repair."""
 
     precision = ""
@@ -84,17 +85,17 @@ class Quantized:
     def start(self) -> Plan:
         return {"kept_float": list(self.forced)}
 
+    @abc.abstractmethod
     def quantize(self, plan: Plan) -> dict[str, Path]:
         """Write the graphs as `plan` says; returns what TensorRT builds from."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def measure(self) -> list[dict[str, Any]]:
         """Each quantized product's loss, as rows {"layer", "sqnr_db", "graph"}."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def steps(self, plan: Plan, total: int) -> Iterator[Step | str]:
         """Each repair step as (what it does, the plan after it), or why the repair stops."""
-        raise NotImplementedError
 
     def ranking(self) -> list[dict[str, Any]]:
         """Every quantized product, the one losing most first (signal-to-noise, dB)."""
@@ -107,7 +108,7 @@ class Quantized:
                problems_of: Callable[[Measured], list[str]]) -> tuple[Measured, list[str]]:
         """Take repair steps, re-quantizing and re-measuring, until the accuracy bound holds or the
         steps run out. Returns the last measurement, and why the repair stopped short if it did."""
-        total = len(quantizable_nodes(self.structure))
+        total = self.total
         plan = self.start()
 
         def note(layer: str | None) -> None:
@@ -137,6 +138,11 @@ class Quantized:
     def structure(self) -> onnx.ModelProto:
         """The first graph quantization reads, without its weights: its products and their module paths."""
         return onnx.load(str(next(iter(self.sources.values()))), load_external_data=False)
+
+    @property
+    def total(self) -> int:
+        """How many products the precision quantizes when nothing is kept out."""
+        return len(quantizable_nodes(self.structure))
 
     def off(self, plan: Plan) -> int:
         """How many products `plan` moves off the precision."""
@@ -240,9 +246,12 @@ class Int4(Quantized):
                      for output, sqnr in product_noise(self.untied[graph], path, self.feeds[graph][:4]).items()]
         return rows
 
+    @property
+    def total(self) -> int:
+        return len(int4_nodes(self.structure, []))
+
     def off(self, plan: Plan) -> int:
-        return len(int4_nodes(self.structure, [])) - len(int4_nodes(self.structure, [*plan["eight_bits"],
-                                                                                      *plan["kept_float"]]))
+        return self.total - len(int4_nodes(self.structure, [*plan["eight_bits"], *plan["kept_float"]]))
 
     def steps(self, plan: Plan, total: int) -> Iterator[Step | str]:
         """The product losing most, measured again after each step: at 4 bits, to 8 bits (while at most a
