@@ -124,10 +124,14 @@ class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships n
 
 def large(path: Path) -> bool:
     """Whether a graph with its weights is over the size whose quantized graph keeps external data: its
-    file and every external-data file it names (an untied graph names two)."""
+    file and every external-data file it names (an untied graph names two). A file over 64 MiB holds its
+    weights itself (a piece), and is not read again to find out."""
+    size = path.stat().st_size
+    if size > 2**26:
+        return size > to_onnx.EXTERNAL_DATA_OVER
     model = onnx.load(str(path), load_external_data=False)
     files = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files) > to_onnx.EXTERNAL_DATA_OVER
+    return size + sum((path.parent / f).stat().st_size for f in files) > to_onnx.EXTERNAL_DATA_OVER
 
 
 # ONNX Runtime's calibrators' settings for the histogram methods (create_calibrator's defaults)
