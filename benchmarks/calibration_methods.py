@@ -60,7 +60,7 @@ def main() -> None:
             manifest = Manifest.load(built(BuildOptions(head=head, precision="int8", calibration_method=method,
                                                         out=out, name=name, backend="onnxruntime")))
             metric = first_calibration(manifest)
-            reference = metric.pop("pytorch fp32")
+            reference = metric.pop(manifest.accuracy["reference"])
             rows.append({"head": head, "method": method, "metric": manifest.accuracy["metric"], "fp32": reference,
                          **{form: value for form, value in metric.items()},
                          "worst_drop": round(reference - min(metric.values()), 2),

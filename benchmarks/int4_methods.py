@@ -45,7 +45,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             manifest = Manifest.load(path)
             metric = first_calibration(manifest)
-            reference = metric.pop("pytorch fp32")
+            reference = metric.pop(manifest.accuracy["reference"])
             size = sum(f.stat().st_size for f in path.parent.glob(f"{name}.*.onnx*")) + \
                 sum(f.stat().st_size for f in path.parent.glob(f"{name}.onnx*"))
             rows.append({"head": head, "setting": setting, "metric": manifest.accuracy["metric"], "fp32": reference,

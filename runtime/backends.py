@@ -29,8 +29,9 @@ class OnnxRuntimeBackend:
     PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
     def __init__(self, files: dict[str, Path], providers: list[str] | None = None,
-                 gpu_files: dict[str, Path] | None = None):
-        """`gpu_files`: other forms of the graphs, for GPU providers (int8: Q/DQ instead of CPU's dynamic form)."""
+                 gpu_files: dict[str, Path] | None = None, threads: int | None = None):
+        """`gpu_files`: other forms of the graphs, for GPU providers (int8: Q/DQ instead of CPU's dynamic form);
+        `threads`: its thread pool's size, if not `engine_threads`'s."""
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in self.PREFERENCE if p in available]
@@ -40,7 +41,8 @@ class OnnxRuntimeBackend:
                             f"(available: {', '.join(available)})")
         if gpu_files and providers[0] != "CPUExecutionProvider":
             files = gpu_files
-        self.sessions = {graph: ort.InferenceSession(str(path), ort_options(), providers=providers) for graph, path in files.items()}
+        self.sessions = {graph: ort.InferenceSession(str(path), ort_options(threads), providers=providers)
+                         for graph, path in files.items()}
         provider = next(iter(self.sessions.values())).get_providers()[0]
         self.device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
         self.name = f"onnxruntime/{provider}"

@@ -27,10 +27,10 @@ def engine_threads() -> int | None:
     return int(value)
 
 
-def ort_options() -> ort.SessionOptions:
-    """ONNX Runtime's session options with its thread pool sized as `engine_threads` says."""
+def ort_options(threads: int | None = None) -> ort.SessionOptions:
+    """ONNX Runtime's session options with its thread pool sized as `threads`, else `engine_threads`, says."""
     options = ort.SessionOptions()
-    threads = engine_threads()
+    threads = threads or engine_threads()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1  # graphs run sequentially; the pool does the parallel work

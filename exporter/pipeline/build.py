@@ -40,6 +40,7 @@ from runtime.threads import engine_threads
 from runtime.tokenizer import load_tokenizer
 
 from exporter.sources import checkpoints, demo
+from exporter.validation.fp32_reference import ANCHOR_EXAMPLES, Fp32Reference, anchor, measured_beside
 from exporter.validation.task_metric import Evaluation, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig
@@ -286,10 +287,15 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
         if evaluation.left_out:
             log(f"note: {len(evaluation.left_out)} of the {asked} evaluation examples do not fit this artifact and "
                 f"are left out (first: {evaluation.left_out[0]})")
-    if evaluation and precision != "fp32":  # an fp32 artifact's metric comes from its first form that matches
-        with step(log, f"PyTorch fp32's task accuracy on {len(evaluation.examples)} examples"):
-            if not evaluation.measure_reference(loaded.model, manifest, staging):
-                log("  taken from an earlier build of the same weights and examples")
+    # fp32's metric: in an fp32 build, its first form's that matches PyTorch; else the fp32 graphs', measured
+    # beside converting them once they match PyTorch on the first examples (fp32_reference)
+    anchor_cases: list[Case] | None = None
+    if evaluation and precision != "fp32":
+        if evaluation.cached_reference():
+            log("- fp32's task accuracy: taken from an earlier build of the same weights and examples")
+        else:
+            with step(log, f"running PyTorch on the first {ANCHOR_EXAMPLES} evaluation examples"):
+                anchor_cases = anchor(evaluation, loaded.model, manifest, staging)
     with step(log, f"running the PyTorch reference on {len(graphs) * 4} validation inputs"):
         context.cases = reference_cases(loaded.model, spec, config, recipe.shape_limits)
     # Free its weights before anything else loads a copy (converter, quantizer, ONNX Runtime): the
@@ -301,16 +307,22 @@ def make_artifact(context: BuildContext, loaded: LoadedModel) -> Manifest:
     fp32 = graphs if precision == "fp32" else {graph: set_aside(path, staging / "fp32") for graph, path in graphs.items()}
     for_tensorrt = dict(graphs)  # what TensorRT builds from
     quantized: Quantized | None = None
-    if precision == "fp16":
-        for graph, path in graphs.items():
-            with step(log, f"converting {path.name} to fp16"):
-                to_fp16(fp32[graph], path)
-    elif precision == "int8":
+    if precision == "int8":
         quantized = Int8(context, fp32, graphs)
     elif precision == "int4":
         quantized = Int4(context, fp32, graphs, context.int4)
     if quantized is not None:
-        for_tensorrt = quantized.quantize(quantized.start())
+        quantized.calibrate()  # on every core: a pass beside it would slow it by more than it takes
+    reference = None if anchor_cases is None or evaluation is None else Fp32Reference(
+        evaluation, fp32, manifest, staging, anchor_cases, spec, recipe.tolerance["fp32"])
+    # Converting and quantizing keep one core busy: fp32's pass over the evaluation set takes the other
+    with measured_beside(reference, log, "quantizing" if quantized else "converting"):
+        if precision == "fp16":
+            for graph, path in graphs.items():
+                with step(log, f"converting {path.name} to fp16"):
+                    to_fp16(fp32[graph], path)
+        if quantized is not None:
+            for_tensorrt = quantized.quantize(quantized.start())
     forms = [Form("onnxruntime", precision, graphs), *([Form("onnxruntime q/dq", precision, for_tensorrt)]
                                                        if precision == "int8" else []),
              *openvino_forms(precision, graphs, for_tensorrt, log)]

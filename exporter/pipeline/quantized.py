@@ -85,6 +85,9 @@ class Quantized(abc.ABC):
     def start(self) -> Plan:
         return {"kept_float": list(self.forced)}
 
+    def calibrate(self) -> None:
+        """What quantizing needs measured first, on every core (int8's activation ranges; int4 needs none)."""
+
     @abc.abstractmethod
     def quantize(self, plan: Plan) -> dict[str, Path]:
         """Write the graphs as `plan` says; returns what TensorRT builds from."""
@@ -177,13 +180,18 @@ class Int8(Quantized):
                       "tensorrt": "static Q/DQ: s8 symmetric, weights per channel, activations per tensor, "
                                   "zero points 0; MatMul/Gemm inputs only"}}
 
-    def quantize(self, plan: Plan) -> dict[str, Path]:
-        keep_float = plan["kept_float"]
-        for graph, path in self.graphs.items():
+    def calibrate(self) -> None:
+        for graph in self.graphs:
             ranges = self.fp32[graph].with_suffix(".calibration.json")
             if not ranges.exists():  # the same ranges serve every repair step
                 with step(self.log, f"calibrating {self.fp32[graph].name} ({self.method})"):
                     calibrate(self.fp32[graph], self.feeds[graph], self.method, ranges, self.log)
+
+    def quantize(self, plan: Plan) -> dict[str, Path]:
+        keep_float = plan["kept_float"]
+        self.calibrate()
+        for graph, path in self.graphs.items():
+            ranges = self.fp32[graph].with_suffix(".calibration.json")
             with step(self.log, f"quantizing {self.qdq[graph].name} (Q/DQ, for TensorRT)"):
                 to_int8_qdq(self.fp32[graph], self.qdq[graph], ranges, self.method, keep_float, self.log)
             with step(self.log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):

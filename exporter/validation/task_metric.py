@@ -1,8 +1,9 @@
 """Task accuracy in the build: the head's metric on the recipe's evaluation set, for fp32 and for
 every graph and engine the build writes, judged against the recipe's `[accuracy.<precision>]` bound
-(`max_drop`: points of the metric below fp32's). fp32's is PyTorch's, or, in an fp32 build (decided
-by its logits), that of its first form whose outputs matched PyTorch's. Only the examples that fit
-the artifact are measured, and a form's scoring stops once its bound is decided (`decided_early`).
+(`max_drop`: points of the metric below fp32's). fp32's is that of the fp32 graphs on ONNX Runtime once
+their outputs matched PyTorch's: in an fp32 build (decided by its logits), its first form's; in the
+others, a pass run beside the conversion (`fp32_reference`). Only the examples that fit the artifact
+are measured, and a form's scoring stops once its bound is decided (`decided_early`).
 
 Each form is measured through `runtime.Session` on the staged artifact, so what is measured is what
 users run: the same tokenization, windows and post-processing (`runtime.evaluation`).
@@ -29,7 +30,6 @@ from exporter.export.cache import add_weights
 from exporter.model.megatron_bert import HeadModel
 from exporter.export.to_onnx import reference_outputs
 
-REFERENCE = "pytorch fp32"
 # Fewer fitting examples than this (or than the whole set, if smaller) and the build refuses: a bound of
 # a point or two means little over a handful of examples.
 MIN_FITTING = 50
@@ -72,6 +72,7 @@ class Evaluation:
     early: dict[str, dict[str, Any]] = field(default_factory=dict)  # form -> where its bound was decided
     encodings: dict[Any, Any] = field(default_factory=dict)  # the tokenizer's work, shared by the forms
     key: str = ""  # what fp32's metric depends on (see prepare)
+    reference_check: dict[str, Any] = field(default_factory=dict)  # how the fp32 graphs matched PyTorch (fp32_reference)
 
     def prepare(self, model: HeadModel, manifest: Manifest, staging: Path) -> None:
         """Keep the examples this artifact can measure (refusing if too few fit), shortest first, and key
@@ -95,22 +96,22 @@ class Evaluation:
         digest.update((staging / manifest.tokenizer["file"]).read_bytes())
         self.key = digest.hexdigest()
 
-    def measure_reference(self, model: HeadModel, manifest: Manifest, staging: Path) -> bool:
-        """fp32's metric by PyTorch, or taken from an earlier build of the same key in this process (PyTorch's
-        or an fp32 artifact's whose outputs matched PyTorch's); returns whether it was measured now."""
-        measured = self.key not in _REFERENCE_RUNS
-        if measured:
-            session = Session.staged(manifest, staging, TorchBackend(model), self.encodings)
-            _REFERENCE_RUNS[self.key] = (REFERENCE, *self._evaluate(session, self.examples, None))
+    def cached_reference(self) -> bool:
+        """Take fp32's metric from an earlier build of the same key in this process, if there was one."""
+        if self.key not in _REFERENCE_RUNS:
+            return False
         self._reference(*_REFERENCE_RUNS[self.key])
-        return measured
+        return True
 
     def measure_fp32(self, form: str, manifest: Manifest, staging: Path, backend: Backend) -> None:
         """Score an fp32 form whose outputs matched PyTorch's: its metric stands for fp32's (here, and as
         "FORM fp32" for the other precisions of the same weights built later in this process)."""
         session = Session.staged(manifest, staging, backend, self.encodings)
-        scores, predicted = self._evaluate(session, self.examples, None)
-        _REFERENCE_RUNS.setdefault(self.key, (f"{form} fp32", scores, predicted))
+        self.take_reference(form, *self.evaluate_on(session, self.examples, None), cached_as=f"{form} fp32")
+
+    def take_reference(self, form: str, scores: Scores, predicted: list[Any], cached_as: str | None = None) -> None:
+        """fp32's metric, measured by `form`; later builds of the same key in this process take it as `cached_as`."""
+        _REFERENCE_RUNS.setdefault(self.key, (cached_as or form, scores, predicted))
         self._reference(form, scores, predicted)
 
     def _reference(self, form: str, scores: Scores, predicted: list[Any]) -> None:
@@ -126,7 +127,7 @@ class Evaluation:
         session = Session.staged(manifest, staging, backend, self.encodings)
         each, bound = METRICS[self.head].each, self.max_drop.get(precision)
         if self.metric not in each or bound is None:
-            self.results[form] = self._evaluate(session, self.examples, self.reference)[0]
+            self.results[form] = self.evaluate_on(session, self.examples, self.reference)[0]
             return
         value = each[self.metric]
         # Parts of the artifact's largest batch: each still runs full batches of examples of about one length
@@ -138,7 +139,7 @@ class Evaluation:
                 and len(predicted) < total:
             first = len(predicted)
             part = self.examples[first:first + size]
-            predicted += self._evaluate(session, part, self.reference[first:first + size])[1]
+            predicted += self.evaluate_on(session, part, self.reference[first:first + size])[1]
             lost += sum(reference[first:first + size]) - sum(value(e, p) for e, p in zip(part, predicted[first:]))
         if decided is not None:
             self.early[form] = decided
@@ -146,7 +147,7 @@ class Evaluation:
         self.results[form] = {**means(each, scored, predicted),
                               "agreement": percent([p == r for p, r in zip(predicted, self.reference)])} if scored else {}
 
-    def _evaluate(self, session: Session, examples: list[Example], reference: list[Any] | None
+    def evaluate_on(self, session: Session, examples: list[Example], reference: list[Any] | None
                   ) -> tuple[Scores, list[Any]]:
         try:
             return evaluate(session, examples, reference)
@@ -158,15 +159,16 @@ class Evaluation:
         """One line per form whose metric fell (or is certain to fall) further below fp32's than the
         recipe allows."""
         bound = self.max_drop.get(precision)
-        if bound is None or self.reference_form is None:
+        if bound is None:
             return []
+        if self.reference_form is None:
+            return [f"{form}: {self.metric} not measured (the fp32 graphs' outputs did not match PyTorch's, so there "
+                    "is no fp32 metric to hold it against)" for form in forms]
         fp32 = self.results[self.reference_form][self.metric]
         lines = []
         for form in forms:
             early = self.early.get(form)
-            if form not in self.results:
-                lines.append(f"{form}: {self.metric} not measured (no fp32 form matched PyTorch's outputs)")
-            elif early is not None and early["drop_at_least"] > bound:
+            if early is not None and early["drop_at_least"] > bound:
                 lines.append(f"{form}: after {early['scored']} of {len(self.examples)} examples, its {self.metric} "
                              f"is certain to end at least {early['drop_at_least']:.2f} points below fp32's "
                              f"{fp32:.2f} (the {precision} bound is {bound})")
@@ -180,7 +182,8 @@ class Evaluation:
         """What the manifest keeps: the data, the metric, the bound, every form's scores and verdict."""
         return {"data": str(self.data), "data_sha256": sha256_of(self.data), "examples": len(self.examples),
                 "left_out": len(self.left_out), "metric": self.metric, "max_drop": self.max_drop.get(precision),
-                "reference": self.reference_form, "results": self.results, "decided_early": self.early,
+                "reference": self.reference_form, "reference_check": self.reference_check, "results": self.results,
+                "decided_early": self.early,
                 "passed": not self.problems(precision, forms)}
 
     def table(self) -> str:
