@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from exporter.pipeline.build import BuildOptions, build
 from exporter.sources import checkpoints
-from exporter.validation.fp32_reference import Fp32Reference, anchor, measured_beside
+from exporter.pipeline.fp32_reference import Fp32Reference, anchor, measured_beside
 from exporter.validation.task_metric import TorchBackend, decided_early, evaluation_for
 from exporter.pipeline.build_all import build_all
 from exporter.cli import main
@@ -285,7 +285,8 @@ def test_fp32s_pass_handed_over_part_way_gives_what_one_pass_gives(demo_builds, 
     handed.finish()
     assert handed.beside == 3 * 16 and len(calls) == len(handed.parts) == 13  # 200 examples, batch 16
     assert handed.evaluation.reference == whole.evaluation.reference
-    assert handed.evaluation.results == whole.evaluation.results == {"onnxruntime fp32": {"exact_match": 81.0, "f1": 82.08}}
+    assert handed.evaluation.results == whole.evaluation.results
+    assert whole.evaluation.results == {"onnxruntime fp32": {"exact_match": 81.0, "f1": 82.08}}
     assert handed.evaluation.reference_check == {**whole.evaluation.reference_check, "scored_beside": 48}
 
 
@@ -295,7 +296,7 @@ def test_conversion_failing_stops_fp32s_pass_and_too_little_memory_runs_it_first
         assert stopped.thread is not None
         raise RuntimeError("conversion failed")
     assert not stopped.thread.is_alive() and stopped.evaluation.reference is None
-    monkeypatch.setattr("exporter.validation.fp32_reference.available_memory", lambda: 10**6)
+    monkeypatch.setattr("exporter.pipeline.fp32_reference.available_memory", lambda: 10**6)
     first = qa_fp32_pass(demo_builds)
     with measured_beside(first, quiet, "quantizing"):
         assert first.thread is None and first.done == len(first.parts)  # all of it, before the conversion

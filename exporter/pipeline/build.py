@@ -40,7 +40,7 @@ from runtime.threads import engine_threads
 from runtime.tokenizer import load_tokenizer
 
 from exporter.sources import checkpoints, demo
-from exporter.validation.fp32_reference import ANCHOR_EXAMPLES, Fp32Reference, anchor, measured_beside
+from exporter.pipeline.fp32_reference import ANCHOR_EXAMPLES, Fp32Reference, anchor, measured_beside
 from exporter.validation.task_metric import Evaluation, evaluation_for
 from exporter.sources.checkpoints import LoadedModel
 from exporter.model.config import MegatronBertConfig

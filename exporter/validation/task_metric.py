@@ -2,7 +2,7 @@
 every graph and engine the build writes, judged against the recipe's `[accuracy.<precision>]` bound
 (`max_drop`: points of the metric below fp32's). fp32's is that of the fp32 graphs on ONNX Runtime once
 their outputs matched PyTorch's: in an fp32 build (decided by its logits), its first form's; in the
-others, a pass run beside the conversion (`fp32_reference`). Only the examples that fit the artifact
+others, a pass run beside the conversion (`exporter.pipeline.fp32_reference`). Only the examples that fit the artifact
 are measured, and a form's scoring stops once its bound is decided (`decided_early`).
 
 Each form is measured through `runtime.Session` on the staged artifact, so what is measured is what
@@ -72,7 +72,8 @@ class Evaluation:
     early: dict[str, dict[str, Any]] = field(default_factory=dict)  # form -> where its bound was decided
     encodings: dict[Any, Any] = field(default_factory=dict)  # the tokenizer's work, shared by the forms
     key: str = ""  # what fp32's metric depends on (see prepare)
-    reference_check: dict[str, Any] = field(default_factory=dict)  # how the fp32 graphs matched PyTorch (fp32_reference)
+    # How the fp32 graphs matched PyTorch on the first examples, in a build of another precision (pipeline.fp32_reference)
+    reference_check: dict[str, Any] = field(default_factory=dict)
 
     def prepare(self, model: HeadModel, manifest: Manifest, staging: Path) -> None:
         """Keep the examples this artifact can measure (refusing if too few fit), shortest first, and key
