@@ -303,6 +303,20 @@ def test_conversion_failing_stops_fp32s_pass_and_too_little_memory_runs_it_first
     assert first.evaluation.reference_check["scored_beside"] == 0 and first.evaluation.reference is not None
 
 
+def test_a_lone_build_of_a_metric_scored_whole_runs_fp32s_pass_first_as_the_fp32_artifact_did(demo_builds, tmp_path,
+                                                                                                monkeypatch):
+    _, out, _, _ = demo_builds
+    monkeypatch.setattr("exporter.validation.task_metric._REFERENCE_RUNS", {})  # not the demo build-all's
+    said: list[str] = []
+    manifest = Manifest.load(build(BuildOptions(head="causal-lm", precision="fp16", out=tmp_path), log=said.append))
+    accuracy = manifest.accuracy
+    assert accuracy["passed"] and accuracy["reference"] == "onnxruntime fp32"
+    # next-token accuracy is not a mean over examples: no handing over part way, so all of it before converting
+    assert accuracy["reference_check"]["examples"] == 8 and accuracy["reference_check"]["scored_beside"] == 0
+    assert "- fp32's task accuracy on 200 examples (the fp32 graphs on ONNX Runtime) ..." in said
+    assert accuracy["results"]["onnxruntime fp32"] == Manifest.load(out / "causal-lm-fp32.json").accuracy["results"]["onnxruntime"]
+
+
 def test_fp32_graphs_not_matching_pytorch_leave_no_fp32_metric_and_the_build_fails(tmp_path, monkeypatch, capsys):
     real = anchor
 
