@@ -1,13 +1,14 @@
 """fp32's task predictions in a build of another precision (fp16, int8, int4): from the fp32 graphs on
 ONNX Runtime, run on one core while the build converts or quantizes on the other.
 
-Why not PyTorch, which used to run them: converting and quantizing are Python rewriting graphs, one
-core busy, so a pass over the evaluation set beside them costs little wall time (the 345M qa int8
-build's task-accuracy steps went from 64 s to about 10 s, README: Demo checkpoints and task accuracy);
-and PyTorch's copy of the weights is gone by then (two copies of a 3.9B do not fit). The graphs stand
-for fp32 only once their outputs match PyTorch's within fp32's tolerance on the evaluation's own first
-examples (`anchor`), which PyTorch runs before it goes; where they do not, fp32's metric is not
-measured and the build fails, as an fp32 build whose graphs do not match PyTorch does.
+Why not PyTorch, which used to run them first: converting and quantizing are Python rewriting graphs,
+one core busy, so much of a pass beside them costs no wall time (README: Task accuracy, what it
+costs); and PyTorch's copy of the weights is gone by then (two copies of a 3.9B do not fit). int8's
+calibration runs before, alone: its ONNX Runtime threads wait on each other, and a pass beside them
+more than doubled it. The graphs stand for fp32 only once their outputs match PyTorch's within fp32's
+tolerance on the evaluation's own first examples (`anchor`), which PyTorch runs before it goes; where
+they do not, fp32's metric is not measured and the build fails, as an fp32 build whose graphs do not
+match PyTorch does.
 
 Where the metric is a mean over examples, the pass goes in parts of the artifact's largest batch:
 when the build needs the predictions, the part running finishes and the rest run on every core.
