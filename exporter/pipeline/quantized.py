@@ -180,18 +180,20 @@ class Int8(Quantized):
                       "tensorrt": "static Q/DQ: s8 symmetric, weights per channel, activations per tensor, "
                                   "zero points 0; MatMul/Gemm inputs only"}}
 
+    def ranges(self, graph: str) -> Path:
+        return self.fp32[graph].with_suffix(".calibration.json")
+
     def calibrate(self) -> None:
         for graph in self.graphs:
-            ranges = self.fp32[graph].with_suffix(".calibration.json")
-            if not ranges.exists():  # the same ranges serve every repair step
+            if not self.ranges(graph).exists():  # the same ranges serve every repair step
                 with step(self.log, f"calibrating {self.fp32[graph].name} ({self.method})"):
-                    calibrate(self.fp32[graph], self.feeds[graph], self.method, ranges, self.log)
+                    calibrate(self.fp32[graph], self.feeds[graph], self.method, self.ranges(graph), self.log)
 
     def quantize(self, plan: Plan) -> dict[str, Path]:
         keep_float = plan["kept_float"]
         self.calibrate()
         for graph, path in self.graphs.items():
-            ranges = self.fp32[graph].with_suffix(".calibration.json")
+            ranges = self.ranges(graph)
             with step(self.log, f"quantizing {self.qdq[graph].name} (Q/DQ, for TensorRT)"):
                 to_int8_qdq(self.fp32[graph], self.qdq[graph], ranges, self.method, keep_float, self.log)
             with step(self.log, f"quantizing {path.name} (dynamic int8, for ONNX Runtime on CPU)"):
