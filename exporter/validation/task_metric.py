@@ -72,7 +72,7 @@ class Evaluation:
     early: dict[str, dict[str, Any]] = field(default_factory=dict)  # form -> where its bound was decided
     encodings: dict[Any, Any] = field(default_factory=dict)  # the tokenizer's work, shared by the forms
     key: str = ""  # what fp32's metric depends on (see prepare)
-    # How the fp32 graphs matched PyTorch on the first examples, in a build of another precision (pipeline.fp32_reference)
+    # How the fp32 graphs matched PyTorch on the first examples, in other precisions (pipeline.fp32_reference)
     reference_check: dict[str, Any] = field(default_factory=dict)
 
     def prepare(self, model: HeadModel, manifest: Manifest, staging: Path) -> None:
